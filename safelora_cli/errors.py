@@ -32,8 +32,11 @@ class SafeLoraError(Exception):
 
     def lines(self) -> list[str]:
         """The message as shown to the user: one or two lines."""
-        out = [self.message if self.path is None or self.path in self.message
-               else f"{self.message} ({self.path})"]
+        out = [
+            self.message
+            if self.path is None or self.path in self.message
+            else f"{self.message} ({self.path})"
+        ]
         if self.hint:
             out.append(self.hint)
         return out

@@ -1,0 +1,51 @@
+"""Shared ``Annotated`` option aliases: every subcommand spells a flag the same way."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+Projections = Annotated[
+    Path | None,
+    typer.Option("--projections", "-p", help="Projection cache built by compute-projections."),
+]
+BaseOpt = Annotated[
+    str | None,
+    typer.Option("--base", help="Base (unaligned) model: directory, .safetensors file or Hub id."),
+]
+AlignedOpt = Annotated[
+    str | None,
+    typer.Option("--aligned", help="Aligned model: directory, .safetensors file or Hub id."),
+]
+RevisionBase = Annotated[
+    str | None, typer.Option("--revision-base", help="Hub revision of the base model.")
+]
+RevisionAligned = Annotated[
+    str | None, typer.Option("--revision-aligned", help="Hub revision of the aligned model.")
+]
+Device = Annotated[
+    str,
+    typer.Option("--device", help="auto, cpu, cuda or cuda:N. auto uses CUDA when available."),
+]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")]
+Json = Annotated[
+    bool, typer.Option("--json", help="Print one JSON object per adapter per line on stdout.")
+]
+NumLayers = Annotated[
+    int | None,
+    typer.Option(
+        "--num-layers", "-k", help="Project the K modules with the lowest cosine [default: 10]."
+    ),
+]
+Threshold = Annotated[
+    float | None,
+    typer.Option("--threshold", "-t", help="Project every module whose cosine is <= T."),
+]
+Fraction = Annotated[
+    float | None,
+    typer.Option("--fraction", "-f", help="Project ceil(F * N) modules with the lowest cosine."),
+]
+Force = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
+DryRun = Annotated[bool, typer.Option("--dry-run", help="Report what would happen; write nothing.")]

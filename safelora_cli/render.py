@@ -1,0 +1,124 @@
+"""Terminal rendering for the CLI: consoles, progress bars, error lines. No library logic.
+
+Human output (progress, summaries, errors) goes to stderr; results (tables, JSON) to stdout.
+When a stream is not a terminal, output turns plain: no colour, no box drawing, no bar.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from functools import cache
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+
+@cache
+def _console(stderr: bool) -> Console:
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    tty = stream.isatty()
+    # Plain output off a terminal: pipes and CI logs get no colour codes and a fixed width,
+    # so wrapped tables stay readable and golden tests are stable.
+    return Console(
+        file=stream,
+        stderr=stderr,
+        force_terminal=None if tty else False,
+        no_color=not tty or "NO_COLOR" in os.environ,
+        highlight=False,
+        soft_wrap=False,
+        width=None if tty else 100,
+    )
+
+
+def err_console() -> Console:
+    """Rich console on stderr (progress, summaries, errors)."""
+    return _console(True)
+
+
+def out_console() -> Console:
+    """Rich console on stdout (tables)."""
+    return _console(False)
+
+
+def reset_consoles() -> None:
+    """Forget cached consoles (CliRunner swaps sys.stdout/sys.stderr between invocations)."""
+    _console.cache_clear()
+
+
+def is_plain(stderr: bool = False) -> bool:
+    """True when the stream is not a terminal: no colour, no boxes, no bars."""
+    stream = sys.stderr if stderr else sys.stdout
+    return not stream.isatty()
+
+
+def print_error(lines: list[str]) -> None:
+    """Write an error as ``error: <what>`` plus an indented hint line, on stderr."""
+    first, *rest = lines
+    sys.stderr.write(f"error: {first}\n")
+    for line in rest:
+        sys.stderr.write(f"  {line}\n")
+    sys.stderr.flush()
+
+
+def status(message: str, *, quiet: bool = False) -> None:
+    """One human line on stderr, unless ``quiet``."""
+    if not quiet:
+        sys.stderr.write(message + "\n")
+        sys.stderr.flush()
+
+
+class RichProgress:
+    """A :class:`safelora_cli.progress.Progress` drawn as a rich bar on stderr.
+
+    Shows units done, MB/s and time left. Disabled (a no-op) with ``quiet`` or when stderr is
+    not a terminal.
+    """
+
+    def __init__(self, *, quiet: bool = False) -> None:
+        self.enabled = not quiet and sys.stderr.isatty()
+        self._bar = None
+        self._task = None
+        self._bytes = 0
+        self._t0 = time.perf_counter()
+
+    def start(self, total: int, description: str) -> None:
+        self._t0 = time.perf_counter()
+        self._bytes = 0
+        if not self.enabled:
+            return
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        self._bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeRemainingColumn(),
+            console=err_console(),
+            transient=True,
+        )
+        self._bar.start()
+        self._task = self._bar.add_task(description, total=total, rate="")
+
+    def advance(self, units: int = 1, nbytes: int = 0) -> None:
+        self._bytes += nbytes
+        if self._bar is None:
+            return
+        dt = max(time.perf_counter() - self._t0, 1e-9)
+        self._bar.update(self._task, advance=units, rate=f"{self._bytes / dt / 1e6:7.1f} MB/s")
+
+    def finish(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
