@@ -1,0 +1,656 @@
+"""The lazy shard reader: every checkpoint, adapter and cache goes through it (DESIGN §4).
+
+:meth:`CheckpointReader.open` parses safetensors *headers only* and validates everything up
+front (index, shard paths, headers, file sizes), raising :class:`CheckpointError` naming the
+file and the fix. Tensors are then loaded one at a time on request.
+
+Memory: tensors are read with ``os.pread``/``os.preadv`` into fresh memory (a ``bytearray``
+wrapped by ``torch.frombuffer``), **not** through mmap. Pages of an mmap stay resident (and are
+counted in RSS) for as long as the mapping is open, so reading a whole model through
+``safe_open`` grows RSS to roughly the model size until the handle is closed; with pread each
+tensor owns its memory and RSS returns to its baseline as soon as the tensor is dropped.
+``bench/read_rss.py`` measures both (see its figures in the module docstring there). The cost is
+one copy from the page cache, which mmap would also pay on first touch.
+
+Byte order: safetensors data is little-endian; on a big-endian host :meth:`load` byte-swaps.
+File handles: at most :data:`MAX_OPEN_FILES` shard files are open at once (LRU).
+Thread safety: one lock guards handle bookkeeping and reads, so a reader may be shared between
+a prefetch thread and the main thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import sys
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from safelora_cli.errors import CheckpointError
+from safelora_cli.naming import natural_sorted
+
+if TYPE_CHECKING:
+    import torch
+
+# Same bound as the safetensors library: a header larger than this is refused unread.
+MAX_HEADER_BYTES = 100_000_000
+MAX_OPEN_FILES = 4
+MAX_NDIM = 64
+# Linux returns at most 0x7ffff000 bytes per read call; stay well below.
+_CHUNK = 1 << 30
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+CONVERT_HINT = (
+    'convert it to safetensors first, e.g. python -c "from transformers import AutoModel; '
+    "AutoModel.from_pretrained('DIR').save_pretrained('OUT', safe_serialization=True)\""
+)
+
+# safetensors dtype code -> bytes per element.
+DTYPE_SIZES: dict[str, int] = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E4M3FNUZ": 1,
+    "F8_E5M2": 1,
+    "F8_E5M2FNUZ": 1,
+    "F8_E8M0": 1,
+    "U16": 2,
+    "I16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "U32": 4,
+    "I32": 4,
+    "F32": 4,
+    "U64": 8,
+    "I64": 8,
+    "F64": 8,
+    "C64": 8,
+}
+
+# safetensors dtype code -> torch attribute name (looked up lazily: torch is imported late).
+_TORCH_NAMES: dict[str, str] = {
+    "BOOL": "bool",
+    "U8": "uint8",
+    "I8": "int8",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E5M2FNUZ": "float8_e5m2fnuz",
+    "F8_E8M0": "float8_e8m0fnu",
+    "U16": "uint16",
+    "I16": "int16",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "U32": "uint32",
+    "I32": "int32",
+    "F32": "float32",
+    "U64": "uint64",
+    "I64": "int64",
+    "F64": "float64",
+    "C64": "complex64",
+}
+
+
+def torch_dtype(code: str) -> torch.dtype:
+    """The torch dtype for a safetensors dtype code (CheckpointError if this torch lacks it)."""
+    import torch
+
+    attr = _TORCH_NAMES.get(code)
+    dt = getattr(torch, attr, None) if attr else None
+    if dt is None:
+        raise CheckpointError(
+            f"dtype {code} is not supported by this torch ({torch.__version__})",
+            hint="upgrade torch or convert the checkpoint to a supported dtype",
+        )
+    return dt
+
+
+def dtype_code(dtype: torch.dtype) -> str:
+    """The safetensors dtype code of a torch dtype (inverse of :func:`torch_dtype`)."""
+    import torch
+
+    for code, attr in _TORCH_NAMES.items():
+        if getattr(torch, attr, None) is dtype:
+            return code
+    raise ValueError(f"no safetensors dtype code for {dtype}")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: ``nbytes`` bytes at absolute offset ``start`` of ``path``."""
+
+    name: str
+    path: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class FileHeader:
+    """The parsed header of one safetensors file."""
+
+    path: Path
+    size: int
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def _bad(label: str, path: Path, what: str, hint: str | None = None) -> CheckpointError:
+    return CheckpointError(
+        f"{label}: {path}: {what}",
+        hint=hint or "the file is corrupt or not a safetensors file; re-download or re-save it",
+        path=path,
+    )
+
+
+def read_header(path: str | Path, *, label: str = "checkpoint") -> FileHeader:
+    """Parse and validate the header of one safetensors file without reading tensor data.
+
+    Checks: 8-byte little-endian length within bounds and within the file; a JSON object
+    (no duplicate keys, bounded nesting); each entry has a known ``dtype``, a ``shape`` of
+    non-negative ints and ``data_offsets`` [begin, end] with ``end - begin`` equal to
+    ``prod(shape) * itemsize``, inside the data section and not overlapping another tensor;
+    ``__metadata__`` maps str to str.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            raw_len = fh.read(8)
+            if len(raw_len) < 8:
+                raise _bad(label, path, f"file is too short ({size} bytes) to be safetensors")
+            n = int.from_bytes(raw_len, "little")
+            if n > MAX_HEADER_BYTES:
+                raise _bad(label, path, f"header length {n} exceeds {MAX_HEADER_BYTES} bytes")
+            if 8 + n > size:
+                raise _bad(
+                    label,
+                    path,
+                    f"file is truncated: header says {n} bytes but the file has {size}",
+                    hint="the download or copy was interrupted; fetch the file again",
+                )
+            raw = fh.read(n)
+    except OSError as e:
+        raise CheckpointError(
+            f"{label}: cannot read {path}: {e.strerror or e}",
+            hint="check that the file exists and is readable",
+            path=path,
+        ) from e
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except RecursionError:
+        raise _bad(label, path, "header JSON is nested too deeply") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise _bad(label, path, f"header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise _bad(label, path, "header is not a JSON object")
+
+    data_start = 8 + n
+    data_len = size - data_start
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise _bad(label, path, "__metadata__ must map strings to strings")
+
+    tensors: dict[str, TensorInfo] = {}
+    spans: list[tuple[int, int, str]] = []
+    for name, entry in header.items():
+        where = f"tensor {name!r}"
+        if not isinstance(entry, dict):
+            raise _bad(label, path, f"{where}: entry is not an object")
+        missing = [k for k in ("dtype", "shape", "data_offsets") if k not in entry]
+        if missing:
+            raise _bad(label, path, f"{where}: entry lacks {', '.join(missing)}")
+        code = entry["dtype"]
+        if not isinstance(code, str) or code not in DTYPE_SIZES:
+            raise _bad(
+                label,
+                path,
+                f"{where}: unknown dtype {code!r}",
+                hint=f"supported dtypes: {', '.join(DTYPE_SIZES)}",
+            )
+        shape = entry["shape"]
+        if (
+            not isinstance(shape, list)
+            or len(shape) > MAX_NDIM
+            or not all(_is_int(d) and d >= 0 for d in shape)
+        ):
+            raise _bad(label, path, f"{where}: shape must be a list of non-negative ints")
+        offs = entry["data_offsets"]
+        if (
+            not isinstance(offs, list)
+            or len(offs) != 2
+            or not all(_is_int(o) and o >= 0 for o in offs)
+        ):
+            raise _bad(label, path, f"{where}: data_offsets must be two non-negative ints")
+        begin, end = offs
+        numel = 1
+        for d in shape:
+            numel *= d
+        nbytes = numel * DTYPE_SIZES[code]
+        if end < begin or end - begin != nbytes:
+            raise _bad(
+                label,
+                path,
+                f"{where}: data_offsets {offs} do not match {code} shape {shape} ({nbytes} bytes)",
+            )
+        if end > data_len:
+            raise _bad(
+                label,
+                path,
+                f"{where}: data ends at byte {data_start + end} but the file has {size} bytes",
+                hint="the file is truncated; fetch or copy it again",
+            )
+        tensors[name] = TensorInfo(name, path, code, tuple(shape), data_start + begin, nbytes)
+        if nbytes:
+            spans.append((begin, end, name))
+    spans.sort()
+    for (_, e0, n0), (b1, _, n1) in itertools.pairwise(spans):
+        if b1 < e0:
+            raise _bad(label, path, f"tensors {n0!r} and {n1!r} overlap")
+    return FileHeader(path, size, tensors, metadata)
+
+
+def _read_index(path: Path, label: str) -> dict[str, str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(
+            f"{label}: cannot read {path}: {e}", hint="check the file", path=path
+        ) from e
+    hint = 'the index must be a JSON object with a "weight_map" of tensor name -> shard file'
+    try:
+        data = json.loads(text)
+    except RecursionError:
+        raise CheckpointError(
+            f"{label}: {path}: index JSON is nested too deeply", hint=hint, path=path
+        ) from None
+    except ValueError as e:
+        raise CheckpointError(
+            f"{label}: {path}: index is not valid JSON ({e})", hint=hint, path=path
+        ) from None
+    wm = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(wm, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in wm.items()
+    ):
+        raise CheckpointError(f"{label}: {path}: malformed index", hint=hint, path=path)
+    return wm
+
+
+def _shard_path(root: Path, shard: str, index: Path, label: str) -> Path:
+    """``root/shard``, refusing names that leave ``root`` (absolute, ``..``, symlink escape)."""
+    hint = "the index must name shard files inside its own directory; fix or re-download it"
+    p = Path(shard)
+    if not shard or p.is_absolute() or ".." in p.parts or "\\" in shard or "\x00" in shard:
+        raise CheckpointError(
+            f"{label}: {index}: shard name {shard!r} points outside the checkpoint directory",
+            hint=hint,
+            path=index,
+        )
+    full = root / p
+    try:
+        resolved = full.resolve()
+    except (OSError, RuntimeError) as e:
+        raise CheckpointError(
+            f"{label}: {index}: cannot resolve shard {shard!r}: {e}", hint=hint, path=index
+        ) from e
+    if not resolved.is_relative_to(root.resolve()):
+        raise CheckpointError(
+            f"{label}: {index}: shard {shard!r} resolves to {resolved}, outside {root}",
+            hint=hint,
+            path=index,
+        )
+    if not resolved.is_file():
+        raise CheckpointError(
+            f"{label}: {index}: shard {shard!r} is listed but {full} does not exist",
+            hint="download or copy the missing shard next to the index",
+            path=full,
+        )
+    return full
+
+
+def _pickled_files(d: Path) -> list[Path]:
+    return sorted(p for p in d.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
+
+
+class CheckpointReader:
+    """Lazy, validated access to the tensors of one checkpoint (one or many safetensors files).
+
+    ``label`` names the checkpoint in errors ("base model", "adapter", ...); ``root`` is its
+    directory. Build with :meth:`open`, :meth:`from_index` or :meth:`from_files`.
+    """
+
+    def __init__(
+        self,
+        headers: list[FileHeader],
+        *,
+        label: str,
+        root: Path,
+        names: Iterable[str] | None = None,
+        unfetched: dict[str, str] | None = None,
+        index_path: Path | None = None,
+    ):
+        self.label = label
+        self.root = Path(root)
+        self.index_path = index_path
+        self.bytes_read = 0
+        self._headers = {h.path: h for h in headers}
+        self._infos: dict[str, TensorInfo] = {}
+        owner: dict[str, Path] = {}
+        for h in headers:
+            for name, ti in h.tensors.items():
+                if name in owner:
+                    raise CheckpointError(
+                        f"{label}: tensor {name!r} is in both {owner[name]} and {h.path}",
+                        hint="a checkpoint must hold each tensor once; remove the stale shard",
+                        path=h.path,
+                    )
+                owner[name] = h.path
+                self._infos[name] = ti
+        if names is not None:
+            keep = set(names)
+            self._infos = {k: v for k, v in self._infos.items() if k in keep}
+        self._names = natural_sorted(self._infos)
+        self._unfetched = dict(unfetched or {})
+        self._fds: OrderedDict[Path, int] = OrderedDict()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    # -- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | Path, *, label: str) -> CheckpointReader:
+        """Open a checkpoint directory or a single ``.safetensors`` file (headers only).
+
+        A directory holds ``model.safetensors.index.json`` + shards, or ``model.safetensors``,
+        or exactly one other ``*.safetensors`` (e.g. ``adapter_model.safetensors``), or exactly
+        one ``*.safetensors.index.json``. Pickled checkpoints (``*.bin``, ``*.pt``, ``*.pth``)
+        are refused with a conversion hint; nothing is ever unpickled.
+        """
+        p = Path(path)
+        if not p.exists():
+            raise CheckpointError(
+                f"{label}: {p} does not exist",
+                hint="pass a checkpoint directory or a .safetensors file",
+                path=p,
+            )
+        if p.is_file():
+            if p.name.endswith(".safetensors.index.json"):
+                return cls.from_index(p, label=label)
+            if p.suffix in PICKLE_SUFFIXES:
+                raise cls._pickle_error(p, label)
+            return cls.from_files([p], label=label, root=p.parent)
+        if not p.is_dir():
+            raise CheckpointError(f"{label}: {p} is not a file or directory", path=p)
+        if (p / INDEX_NAME).is_file():
+            return cls.from_index(p / INDEX_NAME, label=label)
+        if (p / SINGLE_NAME).is_file():
+            return cls.from_files([p / SINGLE_NAME], label=label, root=p)
+        singles = sorted(q for q in p.glob("*.safetensors") if q.is_file())
+        indexes = sorted(q for q in p.glob("*.safetensors.index.json") if q.is_file())
+        if len(indexes) == 1:
+            return cls.from_index(indexes[0], label=label)
+        if len(singles) == 1 and not indexes:
+            return cls.from_files(singles, label=label, root=p)
+        if singles or indexes:
+            found = ", ".join(q.name for q in (indexes or singles)[:5])
+            raise CheckpointError(
+                f"{label}: {p} holds several safetensors files ({found}) and no {INDEX_NAME}",
+                hint="pass the one .safetensors file to use, or add an index",
+                path=p,
+            )
+        pickled = _pickled_files(p)
+        if pickled:
+            raise cls._pickle_error(pickled[0], label)
+        raise CheckpointError(
+            f"{label}: no safetensors checkpoint in {p}",
+            hint=f"expected {SINGLE_NAME} or {INDEX_NAME} with its shards",
+            path=p,
+        )
+
+    @staticmethod
+    def _pickle_error(path: Path, label: str) -> CheckpointError:
+        return CheckpointError(
+            f"{label}: {path} is a pickled PyTorch checkpoint; only safetensors is read",
+            hint=CONVERT_HINT,
+            path=path,
+        )
+
+    @classmethod
+    def from_index(
+        cls, index: str | Path, *, label: str, shards: Iterable[str] | None = None
+    ) -> CheckpointReader:
+        """Open ``index`` (a ``*.safetensors.index.json``) and its shards.
+
+        ``shards``: only these shard names (as written in the index) are opened; names held by
+        the others stay known (``info``/``load`` say they were not fetched) but are not listed
+        by :meth:`names`. Used for Hub models where only the needed shards are downloaded.
+        """
+        index = Path(index)
+        root = index.parent
+        wm = _read_index(index, label)
+        only = None if shards is None else set(shards)
+        by_shard: dict[str, list[str]] = {}
+        for name, shard in wm.items():
+            by_shard.setdefault(shard, []).append(name)
+        headers: list[FileHeader] = []
+        kept: list[str] = []
+        unfetched: dict[str, str] = {}
+        for shard in sorted(by_shard):
+            if only is not None and shard not in only:
+                unfetched.update(dict.fromkeys(by_shard[shard], shard))
+                continue
+            sp = _shard_path(root, shard, index, label)
+            h = read_header(sp, label=label)
+            absent = [n for n in by_shard[shard] if n not in h.tensors]
+            if absent:
+                raise CheckpointError(
+                    f"{label}: {index} lists {absent[0]!r} in {shard} but {sp} does not hold it"
+                    + (f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""),
+                    hint="the index and shards do not belong together; re-download the checkpoint",
+                    path=sp,
+                )
+            headers.append(h)
+            kept.extend(by_shard[shard])
+        return cls(
+            headers, label=label, root=root, names=kept, unfetched=unfetched, index_path=index
+        )
+
+    @classmethod
+    def from_files(cls, files: list[Path], *, label: str, root: Path) -> CheckpointReader:
+        """A reader over exactly these safetensors files (no index); names must not repeat."""
+        headers = [read_header(Path(f), label=label) for f in files]
+        return cls(headers, label=label, root=Path(root))
+
+    # -- queries ------------------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        """All tensor names, natural order (``layers.9`` before ``layers.10``)."""
+        return list(self._names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._infos
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    @property
+    def files(self) -> list[Path]:
+        """The safetensors files this reader reads (sorted)."""
+        return sorted(self._headers)
+
+    def info(self, name: str) -> TensorInfo:
+        """Where ``name`` lives; CheckpointError naming the checkpoint if it is absent."""
+        ti = self._infos.get(name)
+        if ti is not None:
+            return ti
+        if name in self._unfetched:
+            raise CheckpointError(
+                f"{self.label}: tensor {name!r} is in shard {self._unfetched[name]}, "
+                f"which was not fetched",
+                hint="this is a bug in the caller's list of wanted tensors",
+                path=self.root,
+            )
+        where = self.index_path or (self.files[0] if len(self._headers) == 1 else self.root)
+        raise CheckpointError(
+            f"{self.label}: tensor {name!r} not found in {where}",
+            hint="check that the checkpoint is the right model",
+            path=where,
+        )
+
+    def metadata(self, path: Path | None = None) -> dict[str, str]:
+        """``__metadata__`` of ``path`` (default: the first file of this reader)."""
+        if path is None:
+            if not self._headers:
+                return {}
+            path = self.files[0]
+        h = self._headers.get(Path(path))
+        if h is None:
+            raise KeyError(f"{path} is not a file of this reader")
+        return dict(h.metadata)
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def _fd(self, path: Path) -> int:
+        fd = self._fds.get(path)
+        if fd is not None:
+            self._fds.move_to_end(path)
+            return fd
+        while len(self._fds) >= MAX_OPEN_FILES:
+            _, old = self._fds.popitem(last=False)
+            os.close(old)
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as e:
+            raise CheckpointError(
+                f"{self.label}: cannot open {path}: {e.strerror or e}",
+                hint="the file was moved or deleted after it was opened",
+                path=path,
+            ) from e
+        self._fds[path] = fd
+        return fd
+
+    def _read_into(self, ti: TensorInfo, buf: bytearray) -> None:
+        if self._closed:
+            raise CheckpointError(f"{self.label}: reader is closed", path=ti.path)
+        view = memoryview(buf)
+        done = 0
+        with self._lock:
+            fd = self._fd(ti.path)
+            while done < ti.nbytes:
+                part = view[done : min(ti.nbytes, done + _CHUNK)]
+                if hasattr(os, "preadv"):
+                    got = os.preadv(fd, [part], ti.start + done)
+                else:  # pragma: no cover - non-Linux fallback
+                    data = os.pread(fd, len(part), ti.start + done)
+                    part[: len(data)] = data
+                    got = len(data)
+                if got <= 0:
+                    raise CheckpointError(
+                        f"{self.label}: {ti.path} ended while reading {ti.name!r} "
+                        "(file changed since it was opened?)",
+                        hint="fetch or copy the file again",
+                        path=ti.path,
+                    )
+                done += got
+            self.bytes_read += ti.nbytes
+
+    def read_bytes(self, name: str) -> bytes:
+        """The raw little-endian bytes of ``name`` exactly as stored (for byte-identical copies)."""
+        ti = self.info(name)
+        buf = bytearray(ti.nbytes)
+        self._read_into(ti, buf)
+        return bytes(buf)
+
+    def load(
+        self, name: str, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """Tensor ``name`` with its stored shape, on ``device``, cast to ``dtype`` if given.
+
+        Reads exactly that tensor's bytes with pread into fresh memory (no mmap); the result
+        owns its memory, so dropping it returns the memory.
+        """
+        import torch
+
+        ti = self.info(name)
+        src = torch_dtype(ti.dtype)
+        if ti.nbytes == 0:
+            t = torch.empty(ti.shape, dtype=src)
+        else:
+            buf = bytearray(ti.nbytes)
+            self._read_into(ti, buf)
+            t = torch.frombuffer(buf, dtype=src).reshape(ti.shape)
+            if sys.byteorder == "big":  # pragma: no cover
+                t = t.view(torch.uint8).reshape(-1, DTYPE_SIZES[ti.dtype]).flip(-1)
+                t = t.contiguous().view(src).reshape(ti.shape)
+        dev = torch.device(device)
+        if dtype is None or dtype == src:
+            return t if dev.type == "cpu" else t.to(dev)
+        # Move the narrower representation across the bus.
+        if torch.empty((), dtype=dtype).element_size() < t.element_size():
+            return t.to(dtype=dtype).to(dev)
+        return t.to(dev).to(dtype=dtype)
+
+    def close(self) -> None:
+        """Close every open file handle (the reader can no longer read)."""
+        with self._lock:
+            while self._fds:
+                _, fd = self._fds.popitem()
+                os.close(fd)
+            self._closed = True
+
+    @property
+    def open_handles(self) -> int:
+        """How many shard files are open right now (at most :data:`MAX_OPEN_FILES`)."""
+        return len(self._fds)
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            for fd in self._fds.values():
+                os.close(fd)
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        return f"CheckpointReader({self.label!r}, {self.root}, {len(self)} tensors)"
