@@ -61,3 +61,15 @@ def gpt2_adapter(tmp_path: Path, gpt2_pair: factory.Pair) -> Path:
     return factory.write_adapter(
         tmp_path / "adapter", base=gpt2_pair.base, targets=("c_attn",), fan_in_fan_out=True
     )
+
+
+@pytest.fixture(scope="session")
+def peft_llama_case(tmp_path_factory: pytest.TempPathFactory) -> factory.PeftCase:
+    """A real peft adapter on a tiny Llama (GQA), q_proj+v_proj, r=4, alpha=8. Read-only."""
+    return factory.peft_llama(tmp_path_factory.mktemp("peft_llama"))
+
+
+@pytest.fixture(scope="session")
+def peft_gpt2_case(tmp_path_factory: pytest.TempPathFactory) -> factory.PeftCase:
+    """A real peft adapter on a tiny GPT-2 (Conv1D c_attn, fan_in_fan_out). Read-only."""
+    return factory.peft_gpt2(tmp_path_factory.mktemp("peft_gpt2"))

@@ -39,7 +39,8 @@ Synthetic part (torch + safetensors only)::
         ``fan_in_fan_out`` the base weight is [in, out] and A/B stay linear orientation.
         Per-module rank/alpha follow PEFT's own pattern resolution (``resolve_rank_alpha``).
         ``use_dora`` adds ``lora_magnitude_vector`` [d_out]; ``embedding`` adds
-        ``lora_embedding_A`` [r, vocab] / ``lora_embedding_B`` [hidden, r] on the embedding;
+        ``lora_embedding_A`` [r, vocab] / ``lora_embedding_B`` [hidden, r] on the embedding
+        plus its full copy ``<embedding>.base_layer.weight`` (as PEFT's save_embedding_layers);
         ``modules_to_save`` (module names, e.g. ["lm_head"]) adds full copies saved as PEFT does
         (``base_model.model.lm_head.weight``); ``lora_bias`` adds ``lora_B.bias`` [d_out].
         ``extra_tensors`` are added verbatim (they may override generated keys).
@@ -469,6 +470,8 @@ def write_adapter(
         tensors[_lora_key(module, "lora_embedding_B", adapter_name, "")] = _rand(
             (hidden, r), g, 0.2
         ).to(dtype)
+        # PEFT also saves the full embedding when it is a target (save_embedding_layers).
+        tensors[f"base_model.model.{module}.base_layer.weight"] = base[emb].clone().to(dtype)
     for m in modules_to_save or ():
         for wname in natural_sorted(base):
             if wname.startswith(m + ".") or wname[: wname.rfind(".")].endswith("." + m):
@@ -504,3 +507,146 @@ def write_adapter(
 def adapter_modules(dir: str | Path) -> dict[str, dict[str, Any]]:
     """The ground truth :func:`write_adapter` recorded: module -> {r, alpha, d_out, d_in}."""
     return _TRUTH[str(Path(dir).resolve())]
+
+
+# ----------------------------------------------------------------------------- real peft
+
+
+@dataclass
+class PeftCase:
+    """A tiny transformers base model, its aligned copy and a real peft LoRA adapter on disk.
+
+    ``peft_model`` wraps ``base_model`` (peft injected LoRA layers into it in place); ``base`` /
+    ``aligned`` are the state dicts as written (``save_pretrained(safe_serialization=True)``).
+    """
+
+    base_dir: Path
+    aligned_dir: Path
+    adapter_dir: Path
+    base_model: Any
+    peft_model: Any
+    base: dict[str, torch.Tensor]
+    aligned: dict[str, torch.Tensor]
+
+    def lora_layer(self, module: str) -> Any:
+        """The peft LoRA layer wrapping base-model module ``module`` (has ``.scaling``, ``.r``)."""
+        return self.peft_model.base_model.model.get_submodule(module)
+
+
+def _read_dir(d: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(d.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def _peft_case(
+    tmp_path: str | Path,
+    model: Any,
+    *,
+    seed: int,
+    scale: float,
+    lora_kw: dict[str, Any],
+) -> PeftCase:
+    from peft import LoraConfig, get_peft_model
+
+    tmp = Path(tmp_path)
+    base_dir, aligned_dir, adapter_dir = tmp / "base", tmp / "aligned", tmp / "adapter"
+    model.save_pretrained(str(base_dir), safe_serialization=True)
+    g = _gen(seed + 1)
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for v in sd.values():
+            if v.dim() >= 2 and v.is_floating_point():
+                v.add_(torch.randn(v.shape, generator=g, dtype=v.dtype) * scale)
+    aligned_model = type(model)(model.config)
+    aligned_model.load_state_dict(sd)
+    aligned_model.save_pretrained(str(aligned_dir), safe_serialization=True)
+    del aligned_model
+
+    peft_model = get_peft_model(model, LoraConfig(**lora_kw))
+    gb = _gen(seed + 2)
+    with torch.no_grad():
+        # peft initialises B to zero; an untrained adapter has no cosine, so give B values.
+        for name, p in peft_model.named_parameters():
+            if ".lora_B." in name or "lora_embedding_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gb, dtype=p.dtype) * 0.2)
+    peft_model.save_pretrained(str(adapter_dir))
+    return PeftCase(
+        base_dir,
+        aligned_dir,
+        adapter_dir,
+        model,
+        peft_model,
+        _read_dir(base_dir),
+        _read_dir(aligned_dir),
+    )
+
+
+def peft_llama(
+    tmp_path: str | Path,
+    *,
+    targets: Sequence[str] = ("q_proj", "v_proj"),
+    r: int = 4,
+    alpha: float = 8,
+    seed: int = 0,
+    scale: float = 0.05,
+    **lora_kw: Any,
+) -> PeftCase:
+    """A tiny random LlamaForCausalLM (GQA) + aligned copy + real peft LoRA adapter."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=None,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    kw = {"r": r, "lora_alpha": alpha, "target_modules": list(targets), **lora_kw}
+    return _peft_case(tmp_path, model, seed=seed, scale=scale, lora_kw=kw)
+
+
+def peft_gpt2(
+    tmp_path: str | Path,
+    *,
+    targets: Sequence[str] = ("c_attn",),
+    r: int = 4,
+    alpha: float = 8,
+    seed: int = 0,
+    scale: float = 0.05,
+    **lora_kw: Any,
+) -> PeftCase:
+    """A tiny random GPT2LMHeadModel (Conv1D) + aligned copy + real peft LoRA adapter
+    (``fan_in_fan_out=True``)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=16,
+        vocab_size=64,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    model = GPT2LMHeadModel(cfg).eval()
+    kw = {
+        "r": r,
+        "lora_alpha": alpha,
+        "target_modules": list(targets),
+        "fan_in_fan_out": True,
+        **lora_kw,
+    }
+    return _peft_case(tmp_path, model, seed=seed, scale=scale, lora_kw=kw)

@@ -120,3 +120,28 @@ def test_write_adapter_conv1d_and_extras(tmp_path: Path) -> None:
     assert t[f"{pre}.h.0.attn.c_attn.lora_magnitude_vector.x.weight"].shape == (96,)
     assert t[f"{pre}.wte.lora_embedding_A.x"].shape == (4, 64)
     assert json.loads((d / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+
+
+def test_peft_llama_case(peft_llama_case: factory.PeftCase) -> None:
+    c = peft_llama_case
+    assert (c.base_dir / "model.safetensors").exists()
+    assert (c.aligned_dir / "config.json").exists()
+    t, _ = _read(c.adapter_dir / "adapter_model.safetensors")
+    b = t["base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight"]
+    assert b.shape == (16, 4) and b.abs().min() > 0
+    assert c.base["model.layers.0.self_attn.k_proj.weight"].shape == (16, 32)
+    diff = (
+        c.aligned["model.layers.1.mlp.up_proj.weight"] - c.base["model.layers.1.mlp.up_proj.weight"]
+    )
+    assert diff.abs().max() > 0
+    assert c.lora_layer("model.layers.0.self_attn.q_proj").scaling["default"] == 2.0
+
+
+def test_peft_gpt2_case(peft_gpt2_case: factory.PeftCase) -> None:
+    c = peft_gpt2_case
+    t, _ = _read(c.adapter_dir / "adapter_model.safetensors")
+    assert t["base_model.model.transformer.h.1.attn.c_attn.lora_A.weight"].shape == (4, 32)
+    assert t["base_model.model.transformer.h.1.attn.c_attn.lora_B.weight"].shape == (96, 4)
+    assert c.base["transformer.h.1.attn.c_attn.weight"].shape == (32, 96)
+    cfg = json.loads((c.adapter_dir / "adapter_config.json").read_text())
+    assert cfg["fan_in_fan_out"] is True
