@@ -1,0 +1,398 @@
+"""Safe LoRA scores: per-module cosines, selection, Pdst and per-adapter reports (DESIGN §1, §6).
+
+Public API (``inspect`` and ``patch`` build on it)::
+
+    cosine_from_traces(cb, b, a) -> float | None
+        cb = X = C @ B [d_out, r], b = B [d_out, r], a = A [r, d_in] (any float dtype, any
+        device; everything is upcast to float64). With G = A A^T (r x r):
+        <XA, BA> = tr(X^T B G), ||XA||^2 = tr(X^T X G), ||BA||^2 = tr(B^T B G); no d_out x d_in
+        product is formed. None when ||BA|| == 0 (untrained LoRA) or ||XA|| == 0 (no alignment
+        signal): never a division by zero. The result is clamped to [-1, 1].
+    lora_norm(b, a, scale) -> float
+        ||s B A||_F by the same trace trick (float64).
+    ModuleScore      one LoRA module: name (base-model module path), weight (checkpoint weight it
+                     was matched to), layer, rank, scale, d_out, d_in, dtype (lora_B's code),
+                     norm_dw = ||s B A||_F, norm_v = ||V||_F, cosine (raw float64 or None),
+                     projected (bool), reason (why undefined / not projected; None if projected),
+                     dist (this module's Pdst term), key_b, note.
+    AdapterReport    one adapter: adapter (argument as given), path, output (None on dry run),
+                     selection, threshold / k / ties (the Decision), modules (natural order),
+                     skipped (adapter.SkippedModule list), projected, total, pdst, sources.
+                     ``to_json()`` gives DESIGN §6's schema (below).
+    ScoredAdapter    adapter, report, and ``tensors``: lora_B key -> B' = C B cast back to B's
+                     own dtype (CPU), for the selected modules only.
+    score_adapters(adapters, source, selection, *, weight_for=None, progress=None)
+        -> list[ScoredAdapter]
+        Batch scoring. The union of needed weights (``weight_for(module)``, default
+        ``module.weight_name``) is requested from ``source.projectors`` once, in natural order;
+        each projector is applied to every adapter that has that module, then dropped. Memory:
+        about one projector plus, per adapter, the small C B results of its modules.
+    pdst(dists) -> float | None     mean of the per-module terms 1 / (1 + ||B_final - C B||_F)
+
+JSON (``AdapterReport.to_json()``; ``cosine`` is null where undefined; keys in this order)::
+
+    {"adapter", "path", "output", "selection": {"mode", "value"}, "projected", "total", "pdst",
+     "threshold", "k", "ties", "sources",
+     "modules": [{"name", "weight", "layer", "cosine", "projected", "reason", "rank", "scale",
+                  "d_out", "d_in", "dtype", "norm_dw", "norm_v", "note"}],
+     "skipped": [{"name", "keys", "reason"}]}
+
+Pdst follows the official code: the mean over the adapter's LoRA modules of
+``1 / (1 + ||B_final - C B||_F)``, where ``B_final`` is the lora_B that is written (B' for a
+projected module, B otherwise) and ``C B`` is the float64 product. Degenerate modules count too:
+with ``V == 0`` the projector is the zero matrix (the limit of ``V V^T / ||V||_F``), so their term
+is ``1 / (1 + ||B||_F)``; with ``B == 0`` it is 1. Skipped modules (embedding LoRA, DoRA,
+``modules_to_save``) are not LoRA modules we can project and are not counted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from safelora_cli.errors import AdapterError
+from safelora_cli.naming import layer_index, natural_key
+from safelora_cli.selection import Decision, Selection, round_cosine, select
+
+if TYPE_CHECKING:
+    import torch
+
+    from safelora_cli.adapter import Adapter, LoraModule, SkippedModule
+    from safelora_cli.progress import Progress
+
+REASON_NO_SIGNAL = "no alignment signal: V = W_aligned - W_base is zero for {weight}"
+REASON_UNTRAINED = "untrained LoRA: B A is zero"
+REASON_ORTHOGONAL = "C B A is zero: the update is orthogonal to the alignment subspace"
+REASON_ABOVE = "cosine {cos:.5f} is above the threshold {t:.5f}"
+REASON_NONE_SELECTED = "no module selected"
+
+
+def _traces(cb: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> tuple[float, float, float]:
+    """``(<XA, BA>, ||XA||^2, ||BA||^2)`` in float64 from r x r products only."""
+    import torch
+
+    x = cb.to(dtype=torch.float64)
+    b64 = b.to(device=x.device, dtype=torch.float64)
+    a64 = a.to(device=x.device, dtype=torch.float64)
+    g = a64 @ a64.T  # r x r, symmetric: tr(M G) = sum(M * G)
+    inner = float(((x.T @ b64) * g).sum())
+    nx = float(((x.T @ x) * g).sum())
+    nb = float(((b64.T @ b64) * g).sum())
+    return inner, nx, nb
+
+
+def cosine_from_traces(cb: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> float | None:
+    """Cosine of ``C B A`` and ``B A`` (Frobenius), or None when either is zero.
+
+    ``cb`` = C @ B [d_out, r], ``b`` = B [d_out, r], ``a`` = A [r, d_in]; float64 throughout.
+    """
+    inner, nx, nb = _traces(cb, b, a)
+    # Rounding can leave a true zero as a tiny negative trace; anything <= 0 is zero.
+    if not (nx > 0.0 and nb > 0.0):
+        return None
+    cos = inner / (math.sqrt(nx) * math.sqrt(nb))
+    return max(-1.0, min(1.0, cos))
+
+
+def lora_norm(b: torch.Tensor, a: torch.Tensor, scale: float) -> float:
+    """``||scale * B A||_F`` via ``tr(B^T B A A^T)`` in float64 (no d_out x d_in product)."""
+    import torch
+
+    b64 = b.to(dtype=torch.float64)
+    a64 = a.to(device=b64.device, dtype=torch.float64)
+    nb = float(((b64.T @ b64) * (a64 @ a64.T)).sum())
+    return abs(scale) * math.sqrt(max(nb, 0.0))
+
+
+def pdst(dists: Iterable[float]) -> float | None:
+    """Mean of the per-module Pdst terms; None for an adapter without LoRA modules."""
+    values = list(dists)
+    return sum(values) / len(values) if values else None
+
+
+@dataclass
+class ModuleScore:
+    """One LoRA module's score (see the module docstring for the fields)."""
+
+    name: str
+    weight: str
+    layer: int | None
+    rank: int
+    scale: float
+    d_out: int
+    d_in: int
+    dtype: str
+    norm_dw: float
+    norm_v: float
+    cosine: float | None
+    projected: bool = False
+    reason: str | None = None
+    dist: float = 0.0
+    key_b: str = ""
+    note: str | None = None
+
+    @property
+    def rounded(self) -> float | None:
+        """The cosine as the selection sees it (5 decimals)."""
+        return None if self.cosine is None else round_cosine(self.cosine)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "weight": self.weight,
+            "layer": self.layer,
+            "cosine": self.cosine,
+            "projected": self.projected,
+            "reason": self.reason,
+            "rank": self.rank,
+            "scale": self.scale,
+            "d_out": self.d_out,
+            "d_in": self.d_in,
+            "dtype": self.dtype,
+            "norm_dw": self.norm_dw,
+            "norm_v": self.norm_v,
+            "note": self.note,
+        }
+
+
+@dataclass
+class AdapterReport:
+    """One adapter's outcome: scores, the decision and Pdst (``to_json``: DESIGN §6)."""
+
+    adapter: str
+    path: str
+    selection: Selection
+    decision: Decision
+    modules: list[ModuleScore]
+    skipped: list[SkippedModule] = field(default_factory=list)
+    output: str | None = None
+    sources: dict[str, Any] | None = None
+
+    @property
+    def projected(self) -> int:
+        return sum(1 for m in self.modules if m.projected)
+
+    @property
+    def total(self) -> int:
+        return len(self.modules)
+
+    @property
+    def pdst(self) -> float | None:
+        return pdst(m.dist for m in self.modules)
+
+    @property
+    def threshold(self) -> float | None:
+        return self.decision.threshold
+
+    @property
+    def ties(self) -> int:
+        return self.decision.ties
+
+    def lowest(self, n: int = 5) -> list[ModuleScore]:
+        """The ``n`` modules with the lowest defined cosine (ties in natural name order)."""
+        defined = [m for m in self.modules if m.cosine is not None]
+        defined.sort(key=lambda m: (m.rounded, natural_key(m.name)))
+        return defined[:n]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "adapter": self.adapter,
+            "path": self.path,
+            "output": self.output,
+            "selection": self.selection.to_json(),
+            "projected": self.projected,
+            "total": self.total,
+            "pdst": self.pdst,
+            "threshold": self.decision.threshold,
+            "k": self.decision.k,
+            "ties": self.decision.ties,
+            "sources": self.sources,
+            "modules": [m.to_json() for m in self.modules],
+            "skipped": [
+                {"name": s.name, "keys": list(s.keys), "reason": s.reason} for s in self.skipped
+            ],
+        }
+
+
+@dataclass
+class ScoredAdapter:
+    """An adapter with its report and the projected lora_B tensors (key -> B', B's dtype, CPU)."""
+
+    adapter: Adapter
+    report: AdapterReport
+    tensors: dict[str, torch.Tensor]
+
+
+@dataclass
+class _Pending:
+    """What is kept per module between its projector and the selection (small: d_out x r)."""
+
+    module: LoraModule
+    weight: str
+    cosine: float | None
+    norm_dw: float
+    norm_v: float
+    projected_b: torch.Tensor | None  # C B cast to B's dtype
+    dist_keep: float  # ||B - C B||_F
+    dist_proj: float  # ||cast(C B) - C B||_F
+    degenerate: str | None  # reason when the cosine is undefined
+
+
+def _default_weight(module: LoraModule) -> str:
+    return module.weight_name
+
+
+def _check_shape(adapter: Adapter, m: LoraModule, weight: str, proj: Any) -> None:
+    d_out = getattr(proj, "d_out", None)
+    d_in = getattr(proj, "d_in", None)
+    if (d_out is not None and d_out != m.d_out) or (d_in is not None and d_in != m.d_in):
+        have = f"[{d_out}, {d_in}]" if d_in is not None else f"d_out {d_out}"
+        raise AdapterError(
+            f"adapter {adapter.path}: module {m.name} is [{m.d_out}, {m.d_in}] "
+            f"(lora_B {m.key_b}) but weight {weight} is {have}",
+            hint="The adapter belongs to another model; use the base/aligned pair it was made for.",
+            path=adapter.path,
+        )
+
+
+def _score_module(adapter: Adapter, m: LoraModule, weight: str, proj: Any) -> _Pending:
+    import torch
+
+    from safelora_cli.reader import torch_dtype
+
+    _check_shape(adapter, m, weight, proj)
+    b = adapter.load_b(m, dtype=torch.float64)
+    a = adapter.load_a(m, dtype=torch.float64)
+    x = proj.apply(b).to(device="cpu", dtype=torch.float64)
+    inner, nx, nb = _traces(x, b, a)
+    cos = None
+    degenerate = None
+    if not nb > 0.0:
+        degenerate = REASON_UNTRAINED
+    elif getattr(proj, "degenerate", False) or not nx > 0.0:
+        degenerate = (
+            REASON_NO_SIGNAL.format(weight=weight)
+            if getattr(proj, "degenerate", False) or not torch.any(x != 0)
+            else REASON_ORTHOGONAL
+        )
+    else:
+        cos = max(-1.0, min(1.0, inner / (math.sqrt(nx) * math.sqrt(nb))))
+    norm_dw = abs(m.scale) * math.sqrt(max(nb, 0.0))
+    cast = x.to(torch_dtype(m.dtype)).contiguous()
+    return _Pending(
+        module=m,
+        weight=weight,
+        cosine=cos,
+        norm_dw=norm_dw,
+        norm_v=float(getattr(proj, "norm_v", float("nan"))),
+        projected_b=cast,
+        dist_keep=float(torch.linalg.vector_norm(b - x)),
+        dist_proj=float(torch.linalg.vector_norm(cast.to(torch.float64) - x)),
+        degenerate=degenerate,
+    )
+
+
+def _report(
+    adapter: Adapter, pending: list[_Pending], selection: Selection
+) -> tuple[AdapterReport, dict[str, torch.Tensor]]:
+    decision = select({p.module.name: p.cosine for p in pending}, selection)
+    scores: list[ModuleScore] = []
+    tensors: dict[str, torch.Tensor] = {}
+    for p in pending:
+        m = p.module
+        chosen = m.name in decision.projected
+        if chosen:
+            reason = None
+            assert p.projected_b is not None
+            tensors[m.key_b] = p.projected_b
+        elif p.degenerate is not None:
+            reason = p.degenerate
+        elif decision.threshold is None:
+            reason = REASON_NONE_SELECTED
+        else:
+            reason = REASON_ABOVE.format(cos=round_cosine(p.cosine or 0.0), t=decision.threshold)
+        scores.append(
+            ModuleScore(
+                name=m.name,
+                weight=p.weight,
+                layer=layer_index(m.name),
+                rank=m.rank,
+                scale=m.scale,
+                d_out=m.d_out,
+                d_in=m.d_in,
+                dtype=m.dtype,
+                norm_dw=p.norm_dw,
+                norm_v=p.norm_v,
+                cosine=p.cosine,
+                projected=chosen,
+                reason=reason,
+                dist=1.0 / (1.0 + (p.dist_proj if chosen else p.dist_keep)),
+                key_b=m.key_b,
+                note=m.note,
+            )
+        )
+    report = AdapterReport(
+        adapter=str(getattr(adapter.source, "arg", adapter.path)),
+        path=str(adapter.path),
+        selection=selection,
+        decision=decision,
+        modules=scores,
+        skipped=list(adapter.skipped),
+    )
+    return report, tensors
+
+
+def score_adapters(
+    adapters: Sequence[Adapter],
+    source: Any,
+    selection: Selection,
+    *,
+    weight_for: Callable[[LoraModule], str] | None = None,
+    progress: Progress | None = None,
+) -> list[ScoredAdapter]:
+    """Score (and prepare the projection of) every LoRA module of every adapter.
+
+    ``source`` is a ``ProjectorSource`` (a projection cache or on-the-fly compute): its
+    ``projectors(requests)`` yields one Projector per ``(weight, fan_in_fan_out)`` request, in
+    order. Each distinct request is made once for the whole batch, in natural weight order.
+    ``weight_for`` maps a LoraModule to its checkpoint weight name (default ``<module>.weight``).
+    Raises AdapterError when a module's shape does not fit its weight.
+    """
+    wf = weight_for or _default_weight
+    users: dict[tuple[str, bool], list[tuple[int, LoraModule]]] = {}
+    for i, ad in enumerate(adapters):
+        for m in ad.modules:
+            users.setdefault((wf(m), bool(m.fan_in_fan_out)), []).append((i, m))
+    requests = sorted(users, key=lambda r: (natural_key(r[0]), r[1]))
+    pending: list[dict[str, _Pending]] = [{} for _ in adapters]
+    if progress is not None:
+        progress.start(len(requests), "projecting")
+    stream: Any = None
+    try:
+        stream = iter(source.projectors(requests))
+        for req in requests:
+            proj = next(stream, None)
+            if proj is None or getattr(proj, "weight", req[0]) != req[0]:
+                got = "nothing" if proj is None else repr(getattr(proj, "weight", None))
+                raise RuntimeError(f"projector source yielded {got} for {req[0]!r}")
+            tensor = getattr(proj, "tensor", None)
+            nbytes = int(tensor.numel() * tensor.element_size()) if tensor is not None else 0
+            for i, m in users[req]:
+                pending[i][m.name] = _score_module(adapters[i], m, req[0], proj)
+            del proj
+            if progress is not None:
+                progress.advance(1, nbytes)
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()  # stops a prefetching generator
+        if progress is not None:
+            progress.finish()
+    out: list[ScoredAdapter] = []
+    for i, ad in enumerate(adapters):
+        ordered = [pending[i][m.name] for m in ad.modules]
+        report, tensors = _report(ad, ordered, selection)
+        out.append(ScoredAdapter(adapter=ad, report=report, tensors=tensors))
+    return out
