@@ -283,7 +283,8 @@ def read_header(path: str | Path, *, label: str = "checkpoint") -> FileHeader:
     return FileHeader(path, size, tensors, metadata)
 
 
-def _read_index(path: Path, label: str) -> dict[str, str]:
+def read_index(path: Path, label: str) -> dict[str, str]:
+    """The ``weight_map`` (tensor name -> shard file) of a safetensors index, validated."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -309,6 +310,18 @@ def _read_index(path: Path, label: str) -> dict[str, str]:
     return wm
 
 
+def containment_root(root: Path) -> Path:
+    """The directory a checkpoint's files must resolve into.
+
+    Normally ``root`` itself. In a Hugging Face cache snapshot
+    (``models--org--name/snapshots/<commit>/``) the files are symlinks into ``../../blobs``, so
+    the repository folder ``models--org--name`` is the boundary instead.
+    """
+    if root.parent.name == "snapshots" and (root.parent.parent / "blobs").is_dir():
+        return root.parent.parent
+    return root
+
+
 def _shard_path(root: Path, shard: str, index: Path, label: str) -> Path:
     """``root/shard``, refusing names that leave ``root`` (absolute, ``..``, symlink escape)."""
     hint = "the index must name shard files inside its own directory; fix or re-download it"
@@ -326,7 +339,7 @@ def _shard_path(root: Path, shard: str, index: Path, label: str) -> Path:
         raise CheckpointError(
             f"{label}: {index}: cannot resolve shard {shard!r}: {e}", hint=hint, path=index
         ) from e
-    if not resolved.is_relative_to(root.resolve()):
+    if not resolved.is_relative_to(containment_root(root).resolve()):
         raise CheckpointError(
             f"{label}: {index}: shard {shard!r} resolves to {resolved}, outside {root}",
             hint=hint,
@@ -460,7 +473,7 @@ class CheckpointReader:
         """
         index = Path(index)
         root = index.parent
-        wm = _read_index(index, label)
+        wm = read_index(index, label)
         only = None if shards is None else set(shards)
         by_shard: dict[str, list[str]] = {}
         for name, shard in wm.items():
