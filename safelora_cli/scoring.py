@@ -15,7 +15,8 @@ Public API (``inspect`` and ``patch`` build on it)::
                      norm_dw = ||s B A||_F, norm_v = ||V||_F, cosine (raw float64 or None),
                      projected (bool), reason (why undefined / not projected; None if projected),
                      dist (this module's Pdst term), key_b, note.
-    AdapterReport    one adapter: adapter (argument as given), path, output (None on dry run),
+    AdapterReport    one adapter: adapter (argument as given), path, output (where it is or, on
+                     a dry run, would be written; None when not patching), dry_run,
                      selection, threshold / k / ties (the Decision), modules (natural order),
                      skipped (adapter.SkippedModule list), projected, total, pdst, sources.
                      ``to_json()`` gives DESIGN §6's schema (below).
@@ -31,7 +32,8 @@ Public API (``inspect`` and ``patch`` build on it)::
 
 JSON (``AdapterReport.to_json()``; ``cosine`` is null where undefined; keys in this order)::
 
-    {"adapter", "path", "output", "selection": {"mode", "value"}, "projected", "total", "pdst",
+    {"adapter", "path", "output", "dry_run", "selection": {"mode", "value"}, "projected",
+     "total", "pdst",
      "threshold", "k", "ties", "sources",
      "modules": [{"name", "weight", "layer", "cosine", "projected", "reason", "rank", "scale",
                   "d_out", "d_in", "dtype", "norm_dw", "norm_v", "note"}],
@@ -169,6 +171,7 @@ class AdapterReport:
     skipped: list[SkippedModule] = field(default_factory=list)
     output: str | None = None
     sources: dict[str, Any] | None = None
+    dry_run: bool = False
 
     @property
     def projected(self) -> int:
@@ -201,6 +204,7 @@ class AdapterReport:
             "adapter": self.adapter,
             "path": self.path,
             "output": self.output,
+            "dry_run": self.dry_run,
             "selection": self.selection.to_json(),
             "projected": self.projected,
             "total": self.total,
