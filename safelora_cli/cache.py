@@ -1,0 +1,676 @@
+"""The projection cache: a directory with ``manifest.json`` and one safetensors file per weight.
+
+Format: see ``docs/cache-format.md`` (DESIGN §5). Contract used by patch, inspect and compute:
+
+- :meth:`ProjectionCache.open` ``(path, *, device="cpu", adapters=(), allow_incomplete=False)``:
+  read-only. CacheError on a missing directory, a corrupt manifest, an unknown format version
+  or projector kind, or a cache marked *in progress* (a compute run was killed or is running;
+  ``allow_incomplete=True`` lets ``inspect`` show it anyway). ``adapters`` only feeds the
+  "add it with ..." hint of missing-entry errors.
+- :meth:`ProjectionCache.create_or_resume` ``(path, base, aligned, *, dtype)``: writable.
+  A fresh directory gets a manifest with zero entries and ``"state": "in_progress"`` before any
+  compute (created in a temporary sibling, then renamed), so it is never half-written and
+  unmarked. An existing cache is refused, with the difference explained, when its recorded
+  source fingerprints (``SourceSpec.fingerprint()``) or its dtype differ. A non-empty directory
+  that is not a cache is refused. One writer at a time (``flock`` on the directory).
+- ``sources`` (``{"base": ..., "aligned": ...}``: ``SourceSpec.to_json()``), ``dtype``
+  (safetensors code), ``complete``, ``weights()`` (natural order), ``has(weight)``,
+  ``entry(weight) -> CacheEntry``, ``size_bytes()``.
+- ProjectorSource: ``get(weight, *, fan_in_fan_out=False) -> Projector`` and
+  ``projectors(requests)`` read only the requested entries, each through
+  :class:`safelora_cli.reader.CheckpointReader` (prefetching the next one). CacheError for a
+  missing entry (naming the weight and the exact ``safelora compute-projections ... --adapter
+  ...`` command that adds it) and when the stored orientation disagrees with the request.
+  :meth:`require` checks a whole request list up front (patch: nothing written on error).
+- :meth:`put` ``(projector) -> CacheEntry``: writes the entry's safetensors file to a temporary
+  name, fsyncs, renames, then rewrites ``manifest.json`` atomically (temp + fsync + rename).
+  An entry is complete on disk before the manifest names it, so a killed run leaves a cache
+  whose manifest names only complete entries, marked in progress: it is *resumable*
+  (``create_or_resume`` again). :meth:`finish` marks it complete.
+- Determinism: no timestamps anywhere; manifest keys and entries are sorted (entries in natural
+  order); numbers are written with ``repr`` (exact round trip). The same inputs give
+  byte-identical caches, whether built in one run or resumed.
+
+Torch is imported lazily.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import re
+import shlex
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from safelora_cli import __version__
+from safelora_cli.errors import CacheError, CheckpointError
+from safelora_cli.naming import natural_key, natural_sorted
+from safelora_cli.projector import KINDS, PROJECTOR_KIND, Projector, prefetched, stored_shape
+from safelora_cli.reader import DTYPE_SIZES, CheckpointReader, dtype_code, torch_dtype
+
+if TYPE_CHECKING:
+    import torch
+
+FORMAT_NAME = "safelora-projection-cache"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+IN_PROGRESS, COMPLETE = "in_progress", "complete"
+FLOAT_CODES = ("F32", "F64", "F16", "BF16")
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
+_TMP_PREFIX = ".tmp-"
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One cached projector: where it is and what it is.
+
+    ``shape`` is the stored tensor's shape (``[d_out, d_out]`` gram, ``[d_out, d_in]`` factor);
+    ``d_out``/``d_in`` are the weight's linear-orientation dims; ``dtype`` a safetensors code.
+    """
+
+    weight: str
+    file: str
+    kind: str
+    d_out: int
+    d_in: int
+    dtype: str
+    norm_v: float
+    fan_in_fan_out: bool
+    shape: tuple[int, ...]
+
+    @property
+    def degenerate(self) -> bool:
+        return self.norm_v == 0.0
+
+    @property
+    def nbytes(self) -> int:
+        n = DTYPE_SIZES[self.dtype]
+        for d in self.shape:
+            n *= d
+        return n
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "file": self.file,
+            "representation": self.kind,
+            "shape": list(self.shape),
+            "d_out": self.d_out,
+            "d_in": self.d_in,
+            "dtype": self.dtype,
+            "norm_v": self.norm_v,
+            "fan_in_fan_out": self.fan_in_fan_out,
+        }
+
+
+def entry_file_name(weight: str) -> str:
+    """The entry's file name: ``<weight>.safetensors``, or a sanitised name + hash if needed."""
+    if _SAFE_NAME.fullmatch(weight) and not weight.startswith(".") and len(weight) <= 200:
+        return f"{weight}.safetensors"
+    safe = re.sub(r"[^A-Za-z0-9_.\-]", "_", weight).lstrip(".")[:150]
+    digest = hashlib.sha256(weight.encode()).hexdigest()[:12]
+    return f"{safe}-{digest}.safetensors"
+
+
+def _corrupt(path: Path, what: str) -> CacheError:
+    return CacheError(
+        f"projection cache {path}: {what}",
+        hint="the cache is damaged; delete it and run safelora compute-projections again",
+        path=path,
+    )
+
+
+def _entry_from_json(weight: Any, d: Any, root: Path) -> CacheEntry:
+    mp = root / MANIFEST
+    if not isinstance(weight, str) or not isinstance(d, dict):
+        raise _corrupt(mp, f"malformed entry {weight!r}")
+    try:
+        file, kind, dtype = d["file"], d["representation"], d["dtype"]
+        d_out, d_in, norm_v, fifo = d["d_out"], d["d_in"], d["norm_v"], d["fan_in_fan_out"]
+        shape = tuple(d["shape"])
+    except (KeyError, TypeError):
+        raise _corrupt(mp, f"entry {weight!r} lacks required fields") from None
+    ok = (
+        isinstance(file, str)
+        and _SAFE_NAME.fullmatch(file) is not None
+        and file.endswith(".safetensors")
+        and not file.startswith(".")
+        and kind in KINDS
+        and dtype in FLOAT_CODES
+        and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in (d_out, d_in))
+        and isinstance(norm_v, (int, float))
+        and not isinstance(norm_v, bool)
+        and math.isfinite(norm_v)
+        and norm_v >= 0
+        and isinstance(fifo, bool)
+        and shape == stored_shape(kind, d_out, d_in)
+    )
+    if not ok:
+        raise _corrupt(mp, f"entry {weight!r} is inconsistent ({d})")
+    return CacheEntry(weight, file, kind, d_out, d_in, dtype, float(norm_v), fifo, shape)
+
+
+def _dumps(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n").encode()
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_atomic(path: Path, chunks: Iterable[bytes | memoryview]) -> int:
+    """Write ``chunks`` to a temporary sibling, fsync, rename over ``path``. Returns bytes."""
+    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}")
+    n = 0
+    try:
+        with open(tmp, "wb") as fh:
+            for c in chunks:
+                fh.write(c)
+                n += len(c) if isinstance(c, bytes) else c.nbytes
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_dir(path.parent)
+    return n
+
+
+def _safetensors_chunks(
+    key: str, t: torch.Tensor, metadata: dict[str, str]
+) -> list[bytes | memoryview]:
+    """A one-tensor safetensors file as byte chunks (the tensor's memory is not copied)."""
+    import torch
+
+    t = t.detach().to("cpu").contiguous()
+    code = dtype_code(t.dtype)
+    nbytes = t.numel() * t.element_size()
+    header = {
+        "__metadata__": dict(sorted(metadata.items())),
+        key: {"dtype": code, "shape": list(t.shape), "data_offsets": [0, nbytes]},
+    }
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    data = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if nbytes else b""
+    return [len(raw).to_bytes(8, "little"), raw, data]
+
+
+def _diff(old: Any, new: Any, where: str = "") -> str | None:
+    """The first difference between two JSON values, as ``where: old != new``."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in sorted(set(old) | set(new), key=str):
+            w = f"{where}.{k}" if where else str(k)
+            if k not in old:
+                return f"{w} is new"
+            if k not in new:
+                return f"{w} is gone"
+            d = _diff(old[k], new[k], w)
+            if d:
+                return d
+        return None
+    if old != new:
+        return f"{where}: {old!r} != {new!r}"
+    return None
+
+
+def _json_roundtrip(obj: Any) -> Any:
+    return json.loads(json.dumps(obj))
+
+
+def _dtype_code_of(dtype: Any) -> str:
+    if dtype is None:
+        return "F32"
+    if isinstance(dtype, str):
+        code = dtype.upper()
+        aliases = {"FLOAT32": "F32", "FLOAT64": "F64", "FLOAT16": "F16", "BFLOAT16": "BF16"}
+        code = aliases.get(code, code)
+    else:
+        code = dtype_code(dtype)
+    if code not in FLOAT_CODES:
+        raise CacheError(f"cache dtype {dtype} is not a float type", hint="use float32")
+    return code
+
+
+class ProjectionCache:
+    """A projection cache directory (see the module docstring for the contract)."""
+
+    def __init__(
+        self,
+        path: Path,
+        manifest: dict[str, Any],
+        entries: dict[str, CacheEntry],
+        *,
+        writable: bool,
+        device: str | torch.device = "cpu",
+        adapters: Sequence[str] = (),
+        lock_fd: int | None = None,
+    ):
+        self.path = path
+        self._manifest = manifest
+        self._entries = entries
+        self.writable = writable
+        self.device = device
+        self.adapters = tuple(adapters)
+        self._lock_fd = lock_fd
+        self.bytes_read = 0
+        self.created = False
+
+    # -- opening --------------------------------------------------------------------------
+
+    @staticmethod
+    def _load(path: Path) -> tuple[dict[str, Any], dict[str, CacheEntry]]:
+        if not path.exists():
+            raise CacheError(
+                f"projection cache {path} does not exist",
+                hint="build it first: safelora compute-projections BASE ALIGNED -o "
+                f"{shlex.quote(str(path))} --adapter ADAPTER",
+                path=path,
+            )
+        mp = path / MANIFEST
+        if not path.is_dir() or not mp.is_file():
+            raise CacheError(
+                f"{path} is not a projection cache (no {MANIFEST})",
+                hint="pass a directory written by safelora compute-projections",
+                path=path,
+            )
+        try:
+            m = json.loads(mp.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise _corrupt(mp, f"{MANIFEST} is unreadable ({e})") from None
+        if not isinstance(m, dict) or m.get("format") != FORMAT_NAME:
+            raise _corrupt(mp, f"{MANIFEST} is not a safelora projection-cache manifest")
+        version = m.get("format_version")
+        if version != FORMAT_VERSION:
+            newer = isinstance(version, int) and version > FORMAT_VERSION
+            raise CacheError(
+                f"projection cache {path} has format version {version!r}; this safelora "
+                f"({__version__}) reads version {FORMAT_VERSION}",
+                hint="upgrade safelora"
+                if newer
+                else "rebuild the cache with this safelora (delete it, then compute-projections)",
+                path=path,
+            )
+        if m.get("projector") != PROJECTOR_KIND:
+            raise CacheError(
+                f"projection cache {path} holds projector kind {m.get('projector')!r}, "
+                f"not {PROJECTOR_KIND!r}",
+                hint="rebuild the cache with safelora compute-projections",
+                path=path,
+            )
+        if m.get("state") not in (IN_PROGRESS, COMPLETE):
+            raise _corrupt(mp, f"unknown state {m.get('state')!r}")
+        if m.get("dtype") not in FLOAT_CODES or not isinstance(m.get("sources"), dict):
+            raise _corrupt(mp, "missing dtype or sources")
+        raw = m.get("weights")
+        if not isinstance(raw, dict):
+            raise _corrupt(mp, "missing weights")
+        entries = {w: _entry_from_json(w, d, path) for w, d in raw.items()}
+        files = [e.file for e in entries.values()]
+        if len(set(files)) != len(files):
+            raise _corrupt(mp, "two weights share one file")
+        return m, entries
+
+    @classmethod
+    def open(
+        cls,
+        path: str | Path,
+        *,
+        device: str | torch.device = "cpu",
+        adapters: Sequence[str] = (),
+        allow_incomplete: bool = False,
+    ) -> ProjectionCache:
+        """Open an existing cache read-only; projectors are loaded onto ``device``."""
+        p = Path(path)
+        m, entries = cls._load(p)
+        if m["state"] != COMPLETE and not allow_incomplete:
+            raise CacheError(
+                f"projection cache {p} is incomplete: a compute-projections run was "
+                "interrupted or is still running",
+                hint="finish it by running the same safelora compute-projections command again",
+                path=p,
+            )
+        return cls(p, m, entries, writable=False, device=device, adapters=adapters)
+
+    @classmethod
+    def create_or_resume(
+        cls,
+        path: str | Path,
+        base: Any,
+        aligned: Any,
+        *,
+        dtype: torch.dtype | str | None = None,
+        device: str | torch.device = "cpu",
+    ) -> ProjectionCache:
+        """Open ``path`` for writing: a new cache, or an existing one built from the same sources.
+
+        ``base``/``aligned`` are :class:`safelora_cli.sources.SourceSpec`. ``dtype`` (default
+        float32) is the stored dtype. CacheError when the directory holds something else or a
+        cache built from other weights/revisions or another dtype.
+        """
+        p = Path(path)
+        code = _dtype_code_of(dtype)
+        sources = {"base": base.to_json(), "aligned": aligned.to_json()}
+        prints = {"base": base.fingerprint(), "aligned": aligned.fingerprint()}
+        if p.exists() and not p.is_dir():
+            raise CacheError(
+                f"cache path {p} exists and is not a directory",
+                hint="pass a new or existing cache directory to -o",
+                path=p,
+            )
+        if p.is_dir() and (p / MANIFEST).exists():
+            m, entries = cls._load(p)
+            old = _json_roundtrip(m.get("fingerprints"))
+            for side, label in (("base", "base model"), ("aligned", "aligned model")):
+                d = _diff(old.get(side) if isinstance(old, dict) else None, prints[side])
+                if d is not None:
+                    raise CacheError(
+                        f"projection cache {p} was built from another {label} ({d})",
+                        hint="use a new -o directory, or delete the cache to rebuild it",
+                        path=p,
+                    )
+            if m["dtype"] != code:
+                raise CacheError(
+                    f"projection cache {p} stores {m['dtype']}, not the requested {code}",
+                    hint="use a new -o directory for another dtype",
+                    path=p,
+                )
+            lock = cls._lock(p)
+            cache = cls(p, m, entries, writable=True, device=device, lock_fd=lock)
+            # Refresh provenance fields that are not part of the fingerprint (e.g. the path
+            # spelling); what must match already did.
+            cache._manifest["sources"] = sources
+            cache._cleanup()
+            return cache
+        if p.is_dir() and any(p.iterdir()):
+            raise CacheError(
+                f"{p} is a non-empty directory that is not a projection cache",
+                hint="pass a new directory (or an existing cache) to -o",
+                path=p,
+            )
+        manifest = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "tool_version": __version__,
+            "projector": PROJECTOR_KIND,
+            "state": IN_PROGRESS,
+            "dtype": code,
+            "sources": sources,
+            "fingerprints": prints,
+            "weights": {},
+        }
+        # Built in a temporary sibling and renamed, so the directory appears with its
+        # in-progress manifest already in place.
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(f"{_TMP_PREFIX}{p.name}-{os.getpid()}")
+        try:
+            tmp.mkdir()
+            _write_atomic(tmp / MANIFEST, [_dumps(manifest)])
+            if p.is_dir():
+                p.rmdir()
+            os.replace(tmp, p)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                (tmp / MANIFEST).unlink()
+                tmp.rmdir()
+            raise
+        _fsync_dir(p.parent)
+        cache = cls(p, manifest, {}, writable=True, device=device, lock_fd=cls._lock(p))
+        cache.created = True
+        return cache
+
+    @staticmethod
+    def _lock(p: Path) -> int | None:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - non-POSIX
+            return None
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise CacheError(
+                f"projection cache {p} is being written by another safelora process",
+                hint="wait for it to finish, or use another -o directory",
+                path=p,
+            ) from None
+        return fd
+
+    def _cleanup(self) -> None:
+        """Drop temporaries of a killed run and entries whose files are gone or damaged."""
+        for q in self.path.iterdir():
+            if q.name.startswith(_TMP_PREFIX) and q.is_file():
+                with contextlib.suppress(OSError):
+                    q.unlink()
+        bad = [w for w, e in self._entries.items() if not self._file_ok(e)]
+        if bad:
+            for w in bad:
+                del self._entries[w]
+            self._manifest["state"] = IN_PROGRESS
+            self._write_manifest()
+
+    def _file_ok(self, e: CacheEntry) -> bool:
+        f = self.path / e.file
+        try:
+            with CheckpointReader.from_files([f], label="cache", root=self.path) as r:
+                ti = r.info(e.weight)
+                return ti.shape == e.shape and ti.dtype == e.dtype
+        except CheckpointError:
+            return False
+
+    # -- queries --------------------------------------------------------------------------
+
+    @property
+    def sources(self) -> dict[str, Any]:
+        """``{"base": SourceSpec.to_json(), "aligned": ...}`` as recorded."""
+        return dict(self._manifest["sources"])
+
+    @property
+    def dtype(self) -> str:
+        """The stored dtype (safetensors code, ``"F32"`` by default)."""
+        return str(self._manifest["dtype"])
+
+    @property
+    def complete(self) -> bool:
+        return self._manifest["state"] == COMPLETE
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        """The manifest as it stands (a copy)."""
+        return json.loads(json.dumps(self._manifest))
+
+    def weights(self) -> list[str]:
+        """Cached weight names, natural order."""
+        return natural_sorted(self._entries)
+
+    def has(self, weight: str) -> bool:
+        return weight in self._entries
+
+    def __contains__(self, weight: object) -> bool:
+        return weight in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def entry(self, weight: str) -> CacheEntry:
+        """The entry of ``weight``; CacheError (with the command that adds it) if absent."""
+        e = self._entries.get(weight)
+        if e is None:
+            raise self._missing([weight])
+        return e
+
+    def size_bytes(self) -> int:
+        """Bytes on disk: the manifest plus every entry file."""
+        total = 0
+        for name in [MANIFEST, *(e.file for e in self._entries.values())]:
+            with contextlib.suppress(OSError):
+                total += (self.path / name).stat().st_size
+        return total
+
+    def add_command(self, adapters: Sequence[str] = ()) -> str:
+        """The ``safelora compute-projections`` command that adds entries to this cache."""
+        src = self._manifest["sources"]
+        parts = ["safelora", "compute-projections"]
+        for side in ("base", "aligned"):
+            s = src.get(side) or {}
+            parts.append(shlex.quote(str(s.get("arg") or s.get("path") or side.upper())))
+        parts += ["-o", shlex.quote(str(self.path))]
+        for side in ("base", "aligned"):
+            rev = (src.get(side) or {}).get("revision")
+            if rev:
+                parts += [f"--revision-{side}", shlex.quote(str(rev))]
+        for a in adapters or self.adapters or ("ADAPTER",):
+            parts += ["--adapter", shlex.quote(str(a))]
+        return " ".join(parts)
+
+    def _missing(self, weights: Sequence[str], adapters: Sequence[str] = ()) -> CacheError:
+        more = f" (and {len(weights) - 1} more)" if len(weights) > 1 else ""
+        return CacheError(
+            f"projection cache {self.path} has no projector for {weights[0]}{more}",
+            hint=f"add it: {self.add_command(adapters)}",
+            path=self.path,
+        )
+
+    def _check_orientation(self, e: CacheEntry, fan_in_fan_out: bool) -> None:
+        if e.fan_in_fan_out != fan_in_fan_out:
+            stored = "[in, out] (Conv1D)" if e.fan_in_fan_out else "[out, in] (Linear)"
+            raise CacheError(
+                f"projection cache {self.path}: {e.weight} was cached with the weight stored "
+                f"{stored}, but the adapter says fan_in_fan_out={fan_in_fan_out}",
+                hint="the adapter does not belong to this model; rebuild the cache from the "
+                "adapter's base model",
+                path=self.path,
+            )
+
+    def require(
+        self, requests: Sequence[tuple[str, bool]], *, adapters: Sequence[str] = ()
+    ) -> None:
+        """CacheError unless every ``(weight, fan_in_fan_out)`` is cached with that orientation."""
+        missing = natural_sorted({w for w, _ in requests if w not in self._entries})
+        if missing:
+            raise self._missing(missing, adapters)
+        for w, fifo in requests:
+            self._check_orientation(self._entries[w], fifo)
+
+    # -- ProjectorSource ------------------------------------------------------------------
+
+    def get(self, weight: str, *, fan_in_fan_out: bool = False) -> Projector:
+        """The cached projector of ``weight`` on this cache's device (reads only that entry)."""
+        e = self.entry(weight)
+        self._check_orientation(e, fan_in_fan_out)
+        f = self.path / e.file
+        try:
+            with CheckpointReader.from_files([f], label="cache", root=self.path) as r:
+                ti = r.info(weight)
+                if ti.shape != e.shape or ti.dtype != e.dtype:
+                    raise _corrupt(
+                        f,
+                        f"{weight} is stored as {ti.dtype} {list(ti.shape)} but the manifest "
+                        f"says {e.dtype} {list(e.shape)}",
+                    )
+                t = r.load(weight, device=self.device)
+                self.bytes_read += r.bytes_read
+        except CheckpointError as err:
+            raise _corrupt(f, f"entry {weight} cannot be read ({err.message})") from None
+        return Projector(weight, e.kind, t, e.norm_v, e.fan_in_fan_out, e.d_out, e.d_in)
+
+    def projectors(self, requests: Sequence[tuple[str, bool]]) -> Iterator[Projector]:
+        """Projectors for ``[(weight, fan_in_fan_out)]`` in order, the next one prefetched."""
+        self.require(requests)
+        return prefetched(lambda req: self.get(req[0], fan_in_fan_out=req[1]), list(requests))
+
+    # -- writing --------------------------------------------------------------------------
+
+    def _need_writable(self) -> None:
+        if not self.writable:
+            raise CacheError(f"projection cache {self.path} was opened read-only", path=self.path)
+
+    def _write_manifest(self) -> None:
+        ordered = sorted(self._entries.items(), key=lambda kv: natural_key(kv[0]))
+        self._manifest["weights"] = {w: e.to_json() for w, e in ordered}
+        _write_atomic(self.path / MANIFEST, [_dumps(self._manifest)])
+
+    def put(self, projector: Projector) -> CacheEntry:
+        """Write one entry (file first, then the manifest naming it); returns the entry.
+
+        The tensor is cast to the cache dtype and brought to the CPU. Replaces an existing
+        entry of the same weight. Marks the cache in progress until :meth:`finish`.
+        """
+        self._need_writable()
+        pr = projector
+        want = stored_shape(pr.kind, pr.d_out, pr.d_in)
+        if tuple(pr.tensor.shape) != want:
+            raise ValueError(f"{pr.weight}: tensor {tuple(pr.tensor.shape)} is not {want}")
+        t = pr.tensor.to(device="cpu", dtype=torch_dtype(self.dtype))
+        file = entry_file_name(pr.weight)
+        clash = [
+            e.weight for e in self._entries.values() if e.file == file and e.weight != pr.weight
+        ]
+        if clash:
+            digest = hashlib.sha256(pr.weight.encode()).hexdigest()[:12]
+            file = file.removesuffix(".safetensors") + f"-{digest}.safetensors"
+        meta = {
+            "format": "pt",
+            "safelora.weight": pr.weight,
+            "safelora.projector": PROJECTOR_KIND,
+            "safelora.representation": pr.kind,
+            "safelora.norm_v": repr(float(pr.norm_v)),
+            "safelora.fan_in_fan_out": "true" if pr.fan_in_fan_out else "false",
+        }
+        if self._manifest["state"] != IN_PROGRESS:
+            self._manifest["state"] = IN_PROGRESS
+            self._write_manifest()
+        _write_atomic(self.path / file, _safetensors_chunks(pr.weight, t, meta))
+        e = CacheEntry(
+            pr.weight,
+            file,
+            pr.kind,
+            pr.d_out,
+            pr.d_in,
+            self.dtype,
+            float(pr.norm_v),
+            pr.fan_in_fan_out,
+            want,
+        )
+        self._entries[pr.weight] = e
+        self._write_manifest()
+        return e
+
+    def finish(self) -> None:
+        """Mark the cache complete (every entry it names is on disk)."""
+        self._need_writable()
+        if self._manifest["state"] != COMPLETE:
+            self._manifest["state"] = COMPLETE
+            self._write_manifest()
+
+    def close(self) -> None:
+        """Release the writer lock (a read-only cache holds nothing open)."""
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> ProjectionCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def __repr__(self) -> str:
+        return f"ProjectionCache({self.path}, {len(self._entries)} weights, {self.dtype})"

@@ -1,0 +1,268 @@
+"""The Safe LoRA projector: alignment delta, projector build (gram/factor) and ``C @ B``.
+
+Contract (DESIGN §1; other modules code against exactly this):
+
+- Orientation: everything here is in *linear orientation*, ``W: [d_out, d_in]`` for ``y = W x``.
+  GPT-2 ``Conv1D`` checkpoints store ``W^T`` (``[in, out]``); pass ``fan_in_fan_out=True`` and the
+  base/aligned weights are transposed before anything else. LoRA ``A [r, d_in]`` and
+  ``B [d_out, r]`` are always linear orientation.
+- :func:`alignment_delta` ``(w_base, w_aligned, *, fan_in_fan_out) -> float32 [d_out, d_in]``:
+  ``V = W_aligned - W_base``, both upcast to float32 *before* subtracting. Fresh, contiguous
+  memory (never aliases an input).
+- :func:`representation_for` ``(d_out, d_in) -> "gram" | "factor"``: ``gram`` iff
+  ``d_out <= d_in``. Either way at most ``min(d_out^2, d_out*d_in)`` numbers are stored.
+- :func:`build_projector` ``(weight, v, *, fan_in_fan_out, dtype=torch.float32) -> Projector``:
+  ``C = V V^T / ||V||_F`` (the paper's and the official code's projector). It is **not**
+  idempotent (eigenvalues ``sigma_i^2 / ||V||_F``); do not "fix" it. ``gram`` stores ``C``
+  ``[d_out, d_out]``; ``factor`` stores ``F = V / sqrt(||V||_F)`` ``[d_out, d_in]`` so that
+  ``C = F F^T``. ``V == 0`` gives a *degenerate* projector (``norm_v == 0``, zero tensor, no
+  division by zero). NaN/Inf in ``V`` raises :class:`CheckpointError` naming the weight (and
+  both files when ``sources`` is given).
+- :class:`Projector` ``(weight, kind, tensor, norm_v, fan_in_fan_out, d_out, d_in)``;
+  ``.degenerate`` is ``norm_v == 0``; ``.apply(b)`` returns ``C @ B`` as float64 ``[d_out, r]``
+  on the projector tensor's device (gram: ``C @ B``; factor: ``F @ (F^T @ B)``, never forming
+  ``d_out x d_out``). ``B`` with the wrong number of rows raises :class:`AdapterError`.
+- :class:`ProjectorSource` protocol: ``get(weight, *, fan_in_fan_out=False) -> Projector`` and
+  ``projectors(requests) -> Iterator[Projector]`` (``requests`` = ``[(weight, fan_in_fan_out)]``;
+  yields in the given order; streaming implementations prefetch the next one). Implemented by
+  :class:`safelora_cli.cache.ProjectionCache` and
+  :class:`safelora_cli.compute.StreamingProjectorSource`.
+
+Precision: the projector is built with float32 matmuls (the cache is float32 unless asked
+otherwise); :meth:`Projector.apply` upcasts to float64, so the only error against a float64
+oracle is float32 rounding of ``V V^T`` and of the stored numbers (~1e-7 relative).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, TypeVar, runtime_checkable
+
+from safelora_cli.errors import AdapterError, CheckpointError
+
+if TYPE_CHECKING:
+    import torch
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+GRAM, FACTOR = "gram", "factor"
+KINDS = (GRAM, FACTOR)
+PROJECTOR_KIND = "safe-lora: C = V V^T / ||V||_F"
+
+
+def representation_for(d_out: int, d_in: int) -> str:
+    """``"gram"`` (store ``C``, ``d_out x d_out``) iff ``d_out <= d_in``, else ``"factor"``."""
+    return GRAM if d_out <= d_in else FACTOR
+
+
+def stored_shape(kind: str, d_out: int, d_in: int) -> tuple[int, int]:
+    """The shape of the stored tensor: ``[d_out, d_out]`` (gram) or ``[d_out, d_in]`` (factor)."""
+    return (d_out, d_out) if kind == GRAM else (d_out, d_in)
+
+
+def alignment_delta(
+    w_base: torch.Tensor, w_aligned: torch.Tensor, *, fan_in_fan_out: bool
+) -> torch.Tensor:
+    """``V = W_aligned - W_base`` as float32 ``[d_out, d_in]`` (linear orientation).
+
+    Both weights are upcast to float32 before subtracting (bf16/fp16 -> f32 is exact, so the
+    difference is the exact difference of the stored values, rounded once). With
+    ``fan_in_fan_out`` the inputs are ``[in, out]`` (Conv1D) and the result is transposed.
+    The result is fresh contiguous memory on the inputs' device. ValueError on shapes that
+    differ or are not 2-D (callers check these with names first).
+    """
+    import torch
+
+    if w_base.dim() != 2 or w_aligned.dim() != 2:
+        raise ValueError(f"weights must be 2-D, got {tuple(w_base.shape)}")
+    if w_base.shape != w_aligned.shape:
+        raise ValueError(f"shapes differ: {tuple(w_base.shape)} vs {tuple(w_aligned.shape)}")
+    f32 = torch.float32
+    if w_aligned.dtype == f32 and w_base.dtype == f32:
+        v = torch.sub(w_aligned, w_base)
+    else:
+        # One float32 buffer: copy-upcast the aligned weight, subtract the base in place
+        # (the base is upcast element by element inside the kernel, exactly).
+        v = w_aligned.to(f32, copy=True)
+        v.sub_(w_base if w_base.dtype == f32 else w_base.to(f32))
+    if fan_in_fan_out:
+        v = v.t().contiguous()
+    return v
+
+
+@dataclass
+class Projector:
+    """One weight's projector ``C = V V^T / ||V||_F`` in its stored representation.
+
+    ``tensor`` is ``C [d_out, d_out]`` (``kind == "gram"``) or ``F [d_out, d_in]`` with
+    ``C = F F^T`` (``kind == "factor"``). ``norm_v`` is ``||V||_F`` (0 for a degenerate
+    projector, whose tensor is all zeros). ``fan_in_fan_out`` records the checkpoint's
+    orientation of the weight (the projector itself is always linear orientation).
+    """
+
+    weight: str
+    kind: str
+    tensor: torch.Tensor
+    norm_v: float
+    fan_in_fan_out: bool
+    d_out: int
+    d_in: int
+
+    @property
+    def degenerate(self) -> bool:
+        """No alignment signal (``V == 0``): never project, no cosine."""
+        return self.norm_v == 0.0
+
+    @property
+    def numel(self) -> int:
+        return int(self.tensor.numel())
+
+    def apply(self, b: torch.Tensor) -> torch.Tensor:
+        """``C @ B`` as float64 ``[d_out, r]`` on this projector's device.
+
+        ``b``: ``[d_out, r]`` (LoRA ``B``, linear orientation), any float dtype/device. Gram:
+        ``C @ B``; factor: ``F @ (F^T @ B)`` (never forms ``d_out x d_out``). A degenerate
+        projector returns zeros. AdapterError when ``b`` does not have ``d_out`` rows.
+        """
+        import torch
+
+        if b.dim() != 2 or b.shape[0] != self.d_out:
+            raise AdapterError(
+                f"{self.weight}: lora_B has shape {tuple(b.shape)} but the weight has "
+                f"d_out={self.d_out} (d_in={self.d_in})",
+                hint="the adapter was trained on a different model, or its fan_in_fan_out "
+                "setting does not match the checkpoint",
+            )
+        dev = self.tensor.device
+        b64 = b.to(device=dev, dtype=torch.float64)
+        if self.degenerate:
+            return torch.zeros_like(b64)
+        t64 = self.tensor.to(torch.float64)
+        if self.kind == GRAM:
+            return t64 @ b64
+        return t64 @ (t64.t() @ b64)
+
+    def to(self, device: str | torch.device) -> Projector:
+        """The same projector with its tensor on ``device``."""
+        return Projector(
+            self.weight,
+            self.kind,
+            self.tensor.to(device),
+            self.norm_v,
+            self.fan_in_fan_out,
+            self.d_out,
+            self.d_in,
+        )
+
+
+def _where(sources: Sequence[str | Path] | None) -> str:
+    if not sources:
+        return ""
+    return " (" + " vs ".join(str(s) for s in sources) + ")"
+
+
+def build_projector(
+    weight: str,
+    v: torch.Tensor,
+    *,
+    fan_in_fan_out: bool,
+    dtype: torch.dtype | None = None,
+    sources: Sequence[str | Path] | None = None,
+    consume: bool = False,
+) -> Projector:
+    """The projector of alignment matrix ``v`` (float32 ``[d_out, d_in]``, linear orientation).
+
+    ``C = V V^T / ||V||_F`` stored as ``gram`` (``C``) when ``d_out <= d_in``, else as
+    ``factor`` (``F = V / sqrt(||V||_F)``), cast to ``dtype`` (default float32). The result
+    lives on ``v``'s device. ``V == 0`` -> degenerate projector (zeros, ``norm_v == 0``).
+    NaN/Inf in ``v`` -> CheckpointError naming ``weight`` and ``sources`` (base and aligned
+    files). ``consume=True`` lets the factor path scale ``v`` in place (saves one copy).
+    """
+    import torch
+
+    if dtype is None:
+        dtype = torch.float32
+    if v.dim() != 2:
+        raise CheckpointError(
+            f"{weight}: alignment matrix must be 2-D, got shape {tuple(v.shape)}{_where(sources)}",
+            hint="only 2-D (linear / Conv1D) weights can be projected",
+        )
+    if v.dtype != torch.float32:
+        v = v.to(torch.float32)
+        consume = True
+    d_out, d_in = (int(s) for s in v.shape)
+    kind = representation_for(d_out, d_in)
+    norm = float(torch.linalg.vector_norm(v))
+    if not math.isfinite(norm):
+        raise CheckpointError(
+            f"{weight}: the alignment delta (aligned - base) contains NaN or Inf{_where(sources)}",
+            hint="one of the checkpoints is corrupt or overflowed; re-download or re-save it",
+        )
+    if norm == 0.0:
+        t = torch.zeros(stored_shape(kind, d_out, d_in), dtype=dtype, device=v.device)
+        return Projector(weight, kind, t, 0.0, fan_in_fan_out, d_out, d_in)
+    if kind == GRAM:
+        # Divide rather than multiply by a reciprocal: 1/norm can overflow for tiny deltas.
+        t = torch.mm(v, v.t())
+        t.div_(norm)
+    else:
+        root = math.sqrt(norm)
+        t = v.div_(root) if consume else v.div(root)
+        if not t.is_contiguous():
+            t = t.contiguous()
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    return Projector(weight, kind, t, norm, fan_in_fan_out, d_out, d_in)
+
+
+@runtime_checkable
+class ProjectorSource(Protocol):
+    """Where projectors come from: a projection cache, or on-the-fly compute from two models."""
+
+    def get(self, weight: str, *, fan_in_fan_out: bool = False) -> Projector:
+        """The projector of checkpoint weight ``weight`` (linear orientation).
+
+        ``fan_in_fan_out``: the weight is stored ``[in, out]`` (GPT-2 Conv1D). A cache raises
+        CacheError when the entry is missing or was stored with the other orientation.
+        """
+        ...
+
+    def projectors(self, requests: Sequence[tuple[str, bool]]) -> Iterator[Projector]:
+        """Projectors for ``[(weight, fan_in_fan_out), ...]``, yielded in the given order.
+
+        Streaming implementations prefetch the next one while the caller works on the current.
+        """
+        ...
+
+
+def prefetched(fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
+    """``fn(item)`` for each item, in order, computing the next one on a background thread.
+
+    At most two results exist at once: the one the caller holds and the one being prepared.
+    An exception from ``fn`` is raised when the caller reaches that item. Closing the iterator
+    early waits for the in-flight call and discards it.
+    """
+    todo = list(items)
+
+    def gen() -> Iterator[R]:
+        if not todo:
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="safelora-prefetch") as ex:
+            fut = ex.submit(fn, todo[0])
+            try:
+                for i in range(len(todo)):
+                    result = fut.result()
+                    fut = ex.submit(fn, todo[i + 1]) if i + 1 < len(todo) else None
+                    yield result
+                    del result
+            finally:
+                if fut is not None:
+                    fut.cancel()
+
+    return gen()
