@@ -1,12 +1,30 @@
-"""``safelora inspect``: parse, call :mod:`safelora_cli.inspection`, render."""
+"""``safelora inspect``: parse, call :mod:`safelora_cli.inspection`, render.
+
+Three modes, chosen by the arguments:
+
+- ``inspect ADAPTER... (-p CACHE | --base B --aligned A)``: one row per LoRA module with its
+  cosine and whether the selection projects it; ``--json`` prints ``patch --json``'s schema;
+  ``--fail-below T`` is the CI gate (exit 3).
+- ``inspect -p CACHE``: what a projection cache holds.
+- ``inspect ADAPTER...``: what an adapter holds and what patch would do with each tensor.
+
+Tables go to stdout. Off a terminal they are plain text (no colour, no box drawing, fixed
+columns); on a terminal they are rich tables.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated
+import json
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any
 
 import typer
 
-from safelora_cli.errors import SafeLoraError
+from safelora_cli import render
+from safelora_cli.errors import GateError, UsageError
 from safelora_cli.options import (
     AlignedOpt,
     BaseOpt,
@@ -21,6 +39,329 @@ from safelora_cli.options import (
     Threshold,
 )
 
+# ----------------------------------------------------------------------------- table output
+
+
+@dataclass(frozen=True)
+class Col:
+    header: str
+    right: bool = False
+
+
+def _plain_table(cols: Sequence[Col], groups: Sequence[Sequence[Sequence[str]]]) -> list[str]:
+    """Fixed-width columns, two spaces apart, a dashed rule under the header, a blank line
+    between groups. Pure ASCII: safe in CI logs, diffs and golden files."""
+    widths = [len(c.header) for c in cols]
+    for group in groups:
+        for row in group:
+            for i, cell in enumerate(row):
+                widths[i] = max(widths[i], len(cell))
+
+    def line(cells: Sequence[str]) -> str:
+        out = [
+            cell.rjust(widths[i]) if cols[i].right else cell.ljust(widths[i])
+            for i, cell in enumerate(cells)
+        ]
+        return "  ".join(out).rstrip()
+
+    lines = [line([c.header for c in cols]), line(["-" * w for w in widths])]
+    for gi, group in enumerate(groups):
+        if gi:
+            lines.append("")
+        lines.extend(line(row) for row in group)
+    return lines
+
+
+def _emit_table(
+    cols: Sequence[Col],
+    groups: Sequence[Sequence[Sequence[str]]],
+    styles: Sequence[Sequence[str | None]] | None = None,
+) -> None:
+    """Print a table on stdout: plain text off a terminal, a rich table on one."""
+    if render.is_plain():
+        for ln in _plain_table(cols, groups):
+            sys.stdout.write(ln + "\n")
+        sys.stdout.flush()
+        return
+    from rich import box
+    from rich.table import Table
+
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold")
+    for c in cols:
+        table.add_column(c.header, justify="right" if c.right else "left", no_wrap=c.right)
+    row_no = 0
+    for group in groups:
+        for i, row in enumerate(group):
+            style = styles[row_no] if styles is not None else None
+            row_no += 1
+            cells = [
+                f"[{s}]{cell}[/]" if s else cell
+                for cell, s in zip(row, style or [None] * len(row), strict=False)
+            ]
+            table.add_row(*cells, end_section=i == len(group) - 1)
+    render.out_console().print(table)
+
+
+def _emit_lines(lines: Sequence[str]) -> None:
+    for ln in lines:
+        sys.stdout.write(ln + "\n")
+    sys.stdout.flush()
+
+
+# ----------------------------------------------------------------------------- formatting
+
+
+def _num(x: float | None, fmt: str = ".4g") -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    return format(float(x), fmt)
+
+
+def _cos(c: float | None) -> str:
+    from safelora_cli.selection import round_cosine
+
+    return "-" if c is None else f"{round_cosine(c):.5f}"
+
+
+def _layer(layer: int | None) -> str:
+    return "-" if layer is None else str(layer)
+
+
+def _size(n: int) -> str:
+    if n < 1000:
+        return f"{n} B"
+    for unit, f in (("kB", 1e3), ("MB", 1e6), ("GB", 1e9), ("TB", 1e12)):
+        if n < f * 1000 or unit == "TB":
+            return f"{n / f:.1f} {unit}"
+    return f"{n} B"
+
+
+def _ordinal(k: int) -> str:
+    suffix = "th" if 10 <= k % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(k % 10, "th")
+    return f"{k}{suffix}"
+
+
+def _source_text(spec: Any) -> str:
+    if not isinstance(spec, dict):
+        return str(spec)
+    if spec.get("kind") == "hub" or spec.get("repo_id"):
+        rev = spec.get("commit") or spec.get("revision") or "main"
+        return f"{spec.get('repo_id') or spec.get('arg')}@{rev}"
+    return str(spec.get("path") or spec.get("arg"))
+
+
+# ----------------------------------------------------------------------------- similarity tables
+
+
+SCORE_COLS = (
+    Col("layer", right=True),
+    Col("module"),
+    Col("shape"),
+    Col("rank", right=True),
+    Col("scale", right=True),
+    Col("||dW||_F", right=True),
+    Col("cosine", right=True),
+    Col("projected"),
+)
+
+
+def _score_row(m: Any) -> list[str]:
+    from safelora_cli.inspection import short_reason, split_name
+
+    layer, short = split_name(m.name)
+    shape = f"{m.d_out}x{m.d_in}" if m.d_out and m.d_in else "-"
+    return [
+        _layer(layer),
+        short,
+        shape,
+        "-" if m.rank is None else str(m.rank),
+        _num(m.scale),
+        _num(m.norm_dw),
+        _cos(m.cosine),
+        short_reason(m),
+    ]
+
+
+def _selection_lines(report: Any, defined: int) -> list[str]:
+    """How the selection chose: the flag, the threshold it implies, and ties."""
+    sel = report.selection
+    d = report.decision
+    mode, value = sel.mode, sel.value
+    t = "-" if d.threshold is None else f"{d.threshold:.5f}"
+    if mode == "threshold":
+        return [f"selection: --threshold {value:g}: project cos <= t = {t}"]
+    k = int(d.k) if d.k is not None else int(value)
+    flag = f"--num-layers {int(value)}" if mode == "num_layers" else f"--fraction {value:g}"
+    if mode == "fraction":
+        flag += f" of {defined} -> K = {k}"
+    if d.threshold is None:
+        return [f"selection: {flag}: no module has a cosine, nothing projected"]
+    if k >= defined:
+        return [f"selection: {flag} >= {defined} modules with a cosine: all projected (t = {t})"]
+    lines = [f"selection: {flag} -> t = {t} ({_ordinal(k)} lowest cosine); project cos <= t"]
+    if d.ties:
+        more = "1 more module" if d.ties == 1 else f"{d.ties} more modules"
+        lines.append(f"ties: {more} projected, tied with the {_ordinal(k)} lowest at {t}")
+    return lines
+
+
+def _summary_lines(report: Any) -> list[str]:
+    defined = sum(1 for m in report.modules if m.cosine is not None)
+    undefined = len(report.modules) - defined
+    first = f"projected {report.projected} of {report.total} modules"
+    if undefined:
+        first += f" ({undefined} without a cosine, never projected)"
+    return [first, *_selection_lines(report, defined), f"Pdst {_num(report.pdst, '.5f')}"]
+
+
+def _render_reports(reports: Sequence[Any], sort: str, top: int | None) -> None:
+    from safelora_cli.inspection import order_modules, split_name
+
+    for i, rep in enumerate(reports):
+        if i:
+            _emit_lines([""])
+        _emit_lines([f"adapter: {rep.adapter}"])
+        rows, hidden = order_modules(rep.modules, sort, top)  # type: ignore[arg-type]
+        if sort == "layer" and top is None:
+            groups: list[list[list[str]]] = []
+            last: object = object()
+            for m in rows:
+                layer, _ = split_name(m.name)
+                if layer != last or not groups:
+                    groups.append([])
+                    last = layer
+                groups[-1].append(_score_row(m))
+        else:
+            groups = [[_score_row(m) for m in rows]]
+        # Colour only on a terminal: projected rows stand out; plain output has none.
+        styles = [
+            [None] * 6 + (["red", "bold green"] if m.projected else [None, "dim"]) for m in rows
+        ]
+        _emit_table(SCORE_COLS, groups, styles)
+        lines = []
+        if hidden:
+            lines.append(
+                f"({hidden} more rows not shown: --top {top} lists the {top} lowest cosines)"
+            )
+        lines.extend(_summary_lines(rep))
+        _emit_lines(lines)
+
+
+# ----------------------------------------------------------------------------- adapter alone
+
+
+ADAPTER_COLS = (
+    Col("layer", right=True),
+    Col("module"),
+    Col("shape"),
+    Col("rank", right=True),
+    Col("alpha", right=True),
+    Col("scale", right=True),
+    Col("dtype"),
+    Col("note"),
+)
+
+
+def _render_adapter(s: Any) -> None:
+    from safelora_cli.inspection import split_name
+
+    targets = s.target_modules
+    if isinstance(targets, list | tuple):
+        targets = ",".join(str(t) for t in targets)
+    head = [
+        f"adapter: {s.adapter}",
+        f"weights: {s.weights_file}; base model: {s.base_model or '-'}",
+        f"r {_num(s.r, 'g')}, lora_alpha {_num(s.lora_alpha, 'g')}, "
+        f"rslora {'yes' if s.use_rslora else 'no'}, targets {targets or '-'}",
+    ]
+    _emit_lines(head)
+    groups: list[list[list[str]]] = []
+    last: object = object()
+    for m in s.modules:
+        layer, short = split_name(m.name)
+        if layer != last or not groups:
+            groups.append([])
+            last = layer
+        groups[-1].append(
+            [
+                _layer(layer),
+                short,
+                f"{m.d_out}x{m.d_in}",
+                str(m.rank),
+                _num(m.alpha, "g"),
+                _num(m.scale),
+                m.dtype,
+                m.note or "",
+            ]
+        )
+    if groups:
+        cols: Sequence[Col] = ADAPTER_COLS
+        if not any(row[-1] for g in groups for row in g):
+            # No module carries a note: drop the empty column rather than print a bare header.
+            cols = ADAPTER_COLS[:-1]
+            groups = [[row[:-1] for row in g] for g in groups]
+        _emit_table(cols, groups)
+    lines = [
+        f"{len(s.modules)} LoRA modules can be projected"
+        + (f" (lora_B dtype {', '.join(s.dtypes)})" if s.dtypes else "")
+    ]
+    if s.skipped:
+        lines.append(f"{len(s.skipped)} skipped, carried over unchanged by patch:")
+        lines.extend(f"  {sk.name}: {sk.reason}" for sk in s.skipped)
+    else:
+        lines.append("nothing skipped")
+    _emit_lines(lines)
+
+
+# ----------------------------------------------------------------------------- cache alone
+
+
+CACHE_COLS = (
+    Col("layer", right=True),
+    Col("weight"),
+    Col("shape"),
+    Col("repr"),
+    Col("||V||_F", right=True),
+    Col("stable rank", right=True),
+)
+
+
+def _render_cache(c: Any) -> None:
+    from safelora_cli.inspection import split_name
+
+    state = "complete" if c.complete else "incomplete (resume: rerun compute-projections)"
+    head = [
+        f"cache: {c.path}",
+        f"tool version: safelora {c.tool_version or 'unknown'}, format {c.format_version}, "
+        f"dtype {c.dtype}, {state}",
+    ]
+    for role, spec in c.sources.items():
+        head.append(f"{role}: {_source_text(spec)}")
+    head.append(f"{len(c.weights)} weights, {_size(c.size_bytes)} on disk")
+    _emit_lines(head)
+    groups: list[list[list[str]]] = []
+    last: object = object()
+    for w in c.weights:
+        layer, short = split_name(w.weight.removesuffix(".weight"))
+        if layer != last or not groups:
+            groups.append([])
+            last = layer
+        groups[-1].append(
+            [
+                _layer(layer),
+                short,
+                f"{w.d_out}x{w.d_in}",
+                w.kind,
+                _num(w.norm_v),
+                _num(w.stable_rank, ".2f"),
+            ]
+        )
+    if groups:
+        _emit_table(CACHE_COLS, groups)
+
+
+# ----------------------------------------------------------------------------- command
+
 
 def command(
     adapters: Annotated[
@@ -33,7 +374,16 @@ def command(
     threshold: Threshold = None,
     fraction: Fraction = None,
     json_out: Json = False,
-    sort: Annotated[str, typer.Option("--sort", help="Row order: layer or cosine.")] = "layer",
+    sort: Annotated[
+        str | None,
+        typer.Option("--sort", help="Row order: layer or cosine (lowest first). [default: layer]"),
+    ] = None,
+    top: Annotated[
+        int | None,
+        typer.Option(
+            "--top", help="Show only the N modules with the lowest cosine (summary covers all)."
+        ),
+    ] = None,
     fail_below: Annotated[
         float | None,
         typer.Option("--fail-below", help="Exit 3 when any defined cosine is below T (CI gate)."),
@@ -44,4 +394,101 @@ def command(
     quiet: Quiet = False,
 ) -> None:
     """Per-module similarity tables, or summaries of a cache or an adapter."""
-    raise SafeLoraError("inspect is not implemented yet.", hint="See issue 5.")
+    from safelora_cli.inspection import validate_sort
+
+    sort_key = validate_sort(sort) or "layer"
+    if top is not None and top < 1:
+        raise UsageError(f"--top must be at least 1, got {top}.", hint="E.g. --top 20.")
+    if fail_below is not None and (math.isnan(fail_below) or not -1.0 <= fail_below <= 1.0):
+        raise UsageError(
+            f"--fail-below must lie in [-1, 1], got {fail_below}.",
+            hint="E.g. --fail-below 0.3 fails when any module's cosine is below 0.3.",
+        )
+    has_models = base is not None or aligned is not None
+    scoring_only = [
+        name
+        for name, v in (
+            ("--num-layers", num_layers),
+            ("--threshold", threshold),
+            ("--fraction", fraction),
+            ("--sort", sort),
+            ("--top", top),
+            ("--fail-below", fail_below),
+        )
+        if v is not None
+    ]
+
+    if not adapters:
+        if projections is None:
+            raise UsageError(
+                "nothing to inspect.",
+                hint="Give ADAPTER (with -p CACHE or --base/--aligned for cosines), "
+                "or -p CACHE alone.",
+            )
+        if has_models or scoring_only:
+            given = ["--base/--aligned"] if has_models else []
+            raise UsageError(
+                f"{', '.join(given + scoring_only)} need an ADAPTER.",
+                hint="`safelora inspect -p CACHE` alone summarises the cache.",
+            )
+        _inspect_cache(projections, json_out=json_out, quiet=quiet)
+        return
+
+    if projections is None and not has_models:
+        if scoring_only:
+            raise UsageError(
+                f"{', '.join(scoring_only)} need projectors to compute cosines.",
+                hint="Add -p CACHE, or --base BASE --aligned ALIGNED.",
+            )
+        _inspect_adapters_alone(adapters, json_out=json_out)
+        return
+
+    from safelora_cli.inspection import gate, open_projector_source, score
+    from safelora_cli.selection import Selection
+
+    selection = Selection.from_flags(num_layers, threshold, fraction)
+    with open_projector_source(
+        projections,
+        base,
+        aligned,
+        device=device,
+        revision_base=revision_base,
+        revision_aligned=revision_aligned,
+        adapters=adapters,
+    ) as source:
+        reports = score(adapters, source, selection, progress=render.RichProgress(quiet=quiet))
+    if json_out:
+        _emit_lines([json.dumps(r.to_json()) for r in reports])
+    else:
+        _render_reports(reports, sort_key, top)
+    if fail_below is not None:
+        result = gate(reports, fail_below)
+        if not result.passed:
+            raise GateError(
+                f"gate --fail-below {fail_below:g}: {result.message()}",
+                hint="These updates left the alignment subspace: "
+                "patch the adapter with safelora patch, or review it.",
+            )
+
+
+def _inspect_cache(projections: Any, *, json_out: bool, quiet: bool) -> None:
+    from safelora_cli.inspection import summarize_cache
+
+    summary = summarize_cache(projections, progress=render.RichProgress(quiet=quiet))
+    if json_out:
+        _emit_lines([json.dumps(summary.to_json())])
+    else:
+        _render_cache(summary)
+
+
+def _inspect_adapters_alone(adapters: Sequence[str], *, json_out: bool) -> None:
+    from safelora_cli.inspection import summarize_adapter
+
+    summaries = [summarize_adapter(a) for a in adapters]
+    if json_out:
+        _emit_lines([json.dumps(s.to_json()) for s in summaries])
+        return
+    for i, s in enumerate(summaries):
+        if i:
+            _emit_lines([""])
+        _render_adapter(s)

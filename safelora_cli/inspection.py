@@ -1,0 +1,607 @@
+"""``inspect``: summaries of adapters, of projection caches, and of adapters against projectors.
+
+The library half of ``safelora inspect`` (DESIGN §6). It returns plain data (dataclasses with a
+``to_json``); the CLI (``safelora_cli/commands/inspect.py``) renders it. Nothing here knows about
+terminals, and the similarity math is not reimplemented: cosines, the selection and Pdst come
+from :func:`safelora_cli.scoring.score_adapters`, the same code ``patch`` uses.
+
+Public API::
+
+    summarize_adapter(arg, *, revision=None) -> AdapterSummary
+        what an adapter holds: LoRA modules (projectable) and skipped entries with reasons.
+    summarize_cache(path, *, progress=None) -> CacheSummary
+        sources, tool version, per weight shape/representation/||V||_F/stable rank, size on disk.
+    stable_rank(kind, tensor, norm_v) -> tuple[float | None, float | None]
+        (sigma_max(V)^2, ||V||_F^2 / sigma_max(V)^2) from a cached gram C or factor F, float64.
+    open_projector_source(projections, base, aligned, ...) -> context manager of a ProjectorSource
+    score(adapters, source, selection, *, progress=None) -> list[AdapterReport]
+    gate(reports, threshold) -> GateResult
+        the ``--fail-below`` CI gate: which defined cosines lie below ``threshold``.
+    order_modules(modules, sort, top=None) -> tuple[list, int]
+        table rows in ``layer`` or ``cosine`` order, optionally only the ``top`` lowest cosines.
+    split_name(name) -> tuple[int | None, str]
+        ``model.layers.3.mlp.up_proj`` -> ``(3, "mlp.up_proj")``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from safelora_cli.errors import CacheError, UsageError
+from safelora_cli.naming import layer_index, natural_key
+from safelora_cli.selection import Selection, round_cosine
+
+if TYPE_CHECKING:
+    import torch
+
+    from safelora_cli.progress import Progress
+
+SortKey = Literal["layer", "cosine"]
+SORT_KEYS: tuple[str, ...] = ("layer", "cosine")
+
+# Above this size the top eigenvalue comes from subspace iteration instead of a dense
+# eigensolver: a dense float64 eigvalsh of a 4096 x 4096 gram costs seconds per weight, and a
+# 7B cache holds 224 of them.
+DENSE_LIMIT = 512
+
+
+# ----------------------------------------------------------------------------- names
+
+
+def split_name(name: str) -> tuple[int | None, str]:
+    """A module path as (layer, the rest after the layer index); (None, name) without a layer.
+
+    ``model.layers.3.self_attn.q_proj`` -> ``(3, "self_attn.q_proj")``;
+    ``transformer.h.0.attn.c_attn`` -> ``(0, "attn.c_attn")``.
+    """
+    layer = layer_index(name)
+    if layer is None:
+        return None, name
+    parts = name.split(".")
+    for i, p in enumerate(parts):
+        if p == str(layer):
+            rest = ".".join(parts[i + 1 :])
+            return layer, rest or name
+    return layer, name
+
+
+# ----------------------------------------------------------------------------- adapter alone
+
+
+@dataclass(frozen=True)
+class AdapterModuleSummary:
+    """One LoRA module of an adapter: it can be projected once a projector is given."""
+
+    name: str  # base-model module path
+    layer: int | None
+    rank: int
+    alpha: float
+    scale: float  # alpha / r (or alpha / sqrt(r) with rsLoRA), patterns applied
+    d_out: int
+    d_in: int
+    dtype: str  # lora_B's safetensors dtype code
+    fan_in_fan_out: bool
+    note: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "layer": self.layer,
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "scale": self.scale,
+            "shape": [self.d_out, self.d_in],
+            "dtype": self.dtype,
+            "fan_in_fan_out": self.fan_in_fan_out,
+            "note": self.note,
+        }
+
+
+@dataclass(frozen=True)
+class SkippedSummary:
+    """Adapter tensors that patch carries over unchanged, and why."""
+
+    name: str
+    keys: tuple[str, ...]
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "keys": list(self.keys), "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class AdapterSummary:
+    """What an adapter holds (``inspect ADAPTER`` without projectors)."""
+
+    adapter: str  # the argument as given
+    path: Path  # resolved adapter directory
+    weights_file: str  # adapter_model.safetensors (or the legacy .bin)
+    base_model: str | None  # adapter_config.json base_model_name_or_path
+    r: int | None
+    lora_alpha: float | None
+    use_rslora: bool
+    target_modules: Any
+    modules: list[AdapterModuleSummary]
+    skipped: list[SkippedSummary]
+
+    @property
+    def dtypes(self) -> list[str]:
+        """The distinct lora_B dtypes, in first-seen order."""
+        return list(dict.fromkeys(m.dtype for m in self.modules))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "adapter": self.adapter,
+            "path": str(self.path),
+            "weights_file": self.weights_file,
+            "base_model": self.base_model,
+            "r": self.r,
+            "lora_alpha": self.lora_alpha,
+            "use_rslora": self.use_rslora,
+            "target_modules": self.target_modules,
+            "projectable": len(self.modules),
+            "skipped": [s.to_json() for s in self.skipped],
+            "modules": [m.to_json() for m in self.modules],
+        }
+
+
+def summarize_adapter(arg: str | Path, *, revision: str | None = None) -> AdapterSummary:
+    """Read an adapter's config and tensor headers (no tensor data) and describe its modules.
+
+    Raises AdapterError (via :func:`safelora_cli.adapter.load_adapter`) for what would be
+    refused outright.
+    """
+    from safelora_cli.adapter import load_adapter
+
+    ad = load_adapter(arg, revision=revision)
+    try:
+        cfg = ad.config or {}
+        modules = [
+            AdapterModuleSummary(
+                name=m.name,
+                layer=layer_index(m.name),
+                rank=int(m.rank),
+                alpha=float(m.alpha),
+                scale=float(m.scale),
+                d_out=int(m.d_out),
+                d_in=int(m.d_in),
+                dtype=str(m.dtype),
+                fan_in_fan_out=bool(m.fan_in_fan_out),
+                note=m.note,
+            )
+            for m in ad.modules
+        ]
+        skipped = [SkippedSummary(s.name, tuple(s.keys), s.reason) for s in ad.skipped]
+        alpha = cfg.get("lora_alpha")
+        return AdapterSummary(
+            adapter=str(arg),
+            path=Path(ad.path),
+            weights_file=Path(ad.weights_path).name,
+            base_model=cfg.get("base_model_name_or_path"),
+            r=cfg.get("r"),
+            lora_alpha=float(alpha) if alpha is not None else None,
+            use_rslora=bool(cfg.get("use_rslora", False)),
+            target_modules=cfg.get("target_modules"),
+            modules=sorted(modules, key=lambda m: natural_key(m.name)),
+            skipped=sorted(skipped, key=lambda s: natural_key(s.name)),
+        )
+    finally:
+        ad.close()
+
+
+# ----------------------------------------------------------------------------- cache alone
+
+
+@dataclass(frozen=True)
+class WeightSummary:
+    """One cached projector.
+
+    ``d_out x d_in`` is the weight in linear orientation; ``shape`` is the stored tensor
+    (gram ``C``: ``d_out x d_out``; factor ``F``: ``d_out x d_in``). ``stable_rank`` is
+    ``||V||_F^2 / sigma_max(V)^2`` (1 for a rank-1 ``V``, ``min(d_out, d_in)`` at most);
+    None when ``V == 0``.
+    """
+
+    weight: str
+    kind: str
+    d_out: int
+    d_in: int
+    shape: tuple[int, ...]
+    dtype: str
+    norm_v: float
+    sigma_max_sq: float | None
+    stable_rank: float | None
+    fan_in_fan_out: bool
+    file: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "weight": self.weight,
+            "kind": self.kind,
+            "shape": [self.d_out, self.d_in],
+            "stored_shape": list(self.shape),
+            "dtype": self.dtype,
+            "norm_v": self.norm_v,
+            "stable_rank": self.stable_rank,
+            "fan_in_fan_out": self.fan_in_fan_out,
+            "file": self.file,
+        }
+
+
+@dataclass(frozen=True)
+class CacheSummary:
+    """What a projection cache holds (``inspect -p CACHE``)."""
+
+    path: Path
+    tool_version: str | None
+    format_version: Any
+    projector: str | None  # the manifest's projector kind
+    dtype: str  # stored dtype (safetensors code)
+    complete: bool  # False: a compute-projections run was interrupted (resumable)
+    sources: dict[str, Any]  # role ("base", "aligned") -> SourceSpec JSON
+    weights: list[WeightSummary]
+    size_bytes: int  # manifest plus entry files
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "cache": str(self.path),
+            "tool_version": self.tool_version,
+            "format_version": self.format_version,
+            "projector": self.projector,
+            "dtype": self.dtype,
+            "complete": self.complete,
+            "sources": self.sources,
+            "count": len(self.weights),
+            "size_bytes": self.size_bytes,
+            "weights": [w.to_json() for w in self.weights],
+        }
+
+
+def _lambda_max_psd(
+    apply: Callable[[torch.Tensor], torch.Tensor], n: int, *, max_iter: int = 1000
+) -> float:
+    """Largest eigenvalue of a symmetric PSD ``n x n`` operator given as ``X -> A @ X`` (float64).
+
+    Block subspace iteration with a Rayleigh-Ritz step each round; stops when the top Ritz value
+    changes by less than 1e-13 relative. Ritz values never exceed the true eigenvalue.
+    """
+    import torch
+
+    b = min(8, n)
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(n, b, generator=g, dtype=torch.float64))
+    prev = -1.0
+    lam = 0.0
+    for _ in range(max_iter):
+        y = apply(q)
+        h = q.T @ y
+        lam = float(torch.linalg.eigvalsh((h + h.T) / 2).max())
+        if lam <= 0.0:
+            return max(lam, 0.0)
+        if abs(lam - prev) <= 1e-13 * lam:
+            break
+        prev = lam
+        q, _ = torch.linalg.qr(y)
+    return lam
+
+
+def stable_rank(
+    kind: str, tensor: torch.Tensor, norm_v: float, *, dense_limit: int = DENSE_LIMIT
+) -> tuple[float | None, float | None]:
+    """``(sigma_max(V)^2, ||V||_F^2 / sigma_max(V)^2)`` from one cached projector, in float64.
+
+    ``kind == "gram"``: ``tensor`` is ``C = V V^T / ||V||_F`` (d_out x d_out), so
+    ``sigma_max(V)^2 = lambda_max(C) * ||V||_F``. ``kind == "factor"``: ``tensor`` is
+    ``F = V / sqrt(||V||_F)`` (d_out x d_in), so ``sigma_max(V)^2 = sigma_max(F)^2 * ||V||_F``.
+    Returns ``(None, None)`` when ``V == 0``. Matrices with more than ``dense_limit`` rows and
+    columns use subspace iteration; smaller ones a dense eigensolver.
+    """
+    import torch
+
+    if not norm_v or norm_v <= 0.0 or not math.isfinite(norm_v):
+        return None, None
+    t = tensor.detach().to("cpu", torch.float64)
+    if kind == "gram":
+        n = t.shape[0]
+        if n <= dense_limit:
+            lam = float(torch.linalg.eigvalsh((t + t.T) / 2).max())
+        else:
+            lam = _lambda_max_psd(lambda x: t @ x, n)
+    elif kind == "factor":
+        small = min(t.shape)
+        if small <= dense_limit:
+            lam = float(torch.linalg.svdvals(t)[0]) ** 2
+        elif t.shape[1] <= t.shape[0]:
+            lam = _lambda_max_psd(lambda x: t.T @ (t @ x), t.shape[1])
+        else:
+            lam = _lambda_max_psd(lambda x: t @ (t.T @ x), t.shape[0])
+    else:
+        raise CacheError(
+            f"unknown projector representation {kind!r} in the cache.",
+            hint="Rebuild the cache with this version of safelora compute-projections.",
+        )
+    sigma_sq = lam * float(norm_v)
+    if sigma_sq <= 0.0:
+        return None, None
+    return sigma_sq, float(norm_v) ** 2 / sigma_sq
+
+
+def summarize_cache(path: str | Path, *, progress: Progress | None = None) -> CacheSummary:
+    """Describe a projection cache, reading one cached tensor at a time (float64 math).
+
+    An incomplete cache (interrupted compute run) is shown too, marked by ``complete``.
+    Raises CacheError for a missing or corrupt cache (via ``ProjectionCache.open``).
+    """
+    from safelora_cli.cache import ProjectionCache
+
+    cache = ProjectionCache.open(Path(path), allow_incomplete=True)
+    try:
+        manifest = cache.manifest
+        names = cache.weights()
+        if progress is not None:
+            progress.start(len(names), "reading projectors")
+        weights: list[WeightSummary] = []
+        try:
+            for name in names:
+                e = cache.entry(name)
+                proj = cache.get(name, fan_in_fan_out=e.fan_in_fan_out)
+                sigma_sq, srank = stable_rank(e.kind, proj.tensor, e.norm_v)
+                weights.append(
+                    WeightSummary(
+                        weight=name,
+                        kind=e.kind,
+                        d_out=e.d_out,
+                        d_in=e.d_in,
+                        shape=tuple(e.shape),
+                        dtype=e.dtype,
+                        norm_v=e.norm_v,
+                        sigma_max_sq=sigma_sq,
+                        stable_rank=srank,
+                        fan_in_fan_out=e.fan_in_fan_out,
+                        file=e.file,
+                    )
+                )
+                del proj
+                if progress is not None:
+                    progress.advance(1, e.nbytes)
+        finally:
+            if progress is not None:
+                progress.finish()
+        return CacheSummary(
+            path=Path(path),
+            tool_version=manifest.get("tool_version"),
+            format_version=manifest.get("format_version"),
+            projector=manifest.get("projector"),
+            dtype=cache.dtype,
+            complete=cache.complete,
+            sources=cache.sources,
+            weights=weights,
+            size_bytes=cache.size_bytes(),
+        )
+    finally:
+        cache.close()
+
+
+# ------------------------------------------------------------------------ adapter vs projectors
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; anything else as given."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@contextlib.contextmanager
+def open_projector_source(
+    projections: str | Path | None,
+    base: str | None,
+    aligned: str | None,
+    *,
+    device: str = "auto",
+    revision_base: str | None = None,
+    revision_aligned: str | None = None,
+    adapters: Sequence[str] = (),
+) -> Iterator[Any]:
+    """The projectors to score against: a cache (``-p``) or ``--base``/``--aligned`` streamed.
+
+    Raises UsageError when neither or both are given, or only one of ``--base``/``--aligned``.
+    """
+    if projections is not None and (base is not None or aligned is not None):
+        raise UsageError(
+            "-p/--projections and --base/--aligned are mutually exclusive.",
+            hint="Give a cache with -p, or both models with --base and --aligned.",
+        )
+    if projections is None and (base is None) != (aligned is None):
+        missing = "--aligned" if aligned is None else "--base"
+        raise UsageError(
+            f"{missing} is missing: --base and --aligned go together.",
+            hint="Give both models, or a cache built by compute-projections with -p.",
+        )
+    if projections is None and base is None:
+        raise UsageError(
+            "no projectors: give -p CACHE or --base BASE --aligned ALIGNED.",
+            hint="Without projectors, `safelora inspect ADAPTER` summarises the adapter alone.",
+        )
+    if projections is not None:
+        from safelora_cli.cache import ProjectionCache
+
+        src = ProjectionCache.open(
+            Path(projections), device=resolve_device(device), adapters=[str(a) for a in adapters]
+        )
+        try:
+            yield src
+        finally:
+            src.close()
+        return
+    from safelora_cli.compute import StreamingProjectorSource
+    from safelora_cli.sources import open_model
+
+    assert base is not None and aligned is not None
+    base_reader, _ = open_model(base, revision=revision_base, label="base model")
+    try:
+        aligned_reader, _ = open_model(aligned, revision=revision_aligned, label="aligned model")
+        try:
+            yield StreamingProjectorSource(base_reader, aligned_reader, device=device)
+        finally:
+            aligned_reader.close()
+    finally:
+        base_reader.close()
+
+
+def score(
+    adapters: Sequence[str | Path],
+    source: Any,
+    selection: Selection,
+    *,
+    revision: str | None = None,
+    progress: Progress | None = None,
+) -> list[Any]:
+    """Score each adapter against ``source`` with patch's own math; one AdapterReport each.
+
+    The reports carry per-module ``ModuleScore`` rows, the decision and Pdst
+    (:mod:`safelora_cli.scoring`); ``report.to_json()`` is the ``patch --json`` schema.
+    """
+    from safelora_cli.adapter import load_adapter
+    from safelora_cli.scoring import score_adapters
+
+    loaded = []
+    try:
+        for arg in adapters:
+            loaded.append(load_adapter(arg, revision=revision))
+        scored = score_adapters(loaded, source, selection, progress=progress)
+        return [s.report for s in scored]
+    finally:
+        for ad in loaded:
+            ad.close()
+
+
+@dataclass(frozen=True)
+class GateFailure:
+    """A module whose (rounded) cosine lies below the gate."""
+
+    adapter: str
+    name: str
+    cosine: float
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """Outcome of ``--fail-below T``: ``failures`` sorted worst (lowest cosine) first."""
+
+    threshold: float
+    failures: list[GateFailure]
+    checked: int  # modules with a defined cosine
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def message(self, worst: int = 3) -> str:
+        """One line naming the worst modules."""
+        adapters = list(dict.fromkeys(f.adapter for f in self.failures))
+        shown = ", ".join(
+            (
+                f"{f.name} {f.cosine:.5f}"
+                if len(adapters) == 1
+                else f"{f.adapter}: {f.name} {f.cosine:.5f}"
+            )
+            for f in self.failures[:worst]
+        )
+        more = len(self.failures) - worst
+        tail = f" (+{more} more)" if more > 0 else ""
+        where = adapters[0] if len(adapters) == 1 else f"{len(adapters)} adapters"
+        return (
+            f"{len(self.failures)} of {self.checked} modules have a cosine below "
+            f"{self.threshold:g} in {where}; lowest: {shown}{tail}"
+        )
+
+
+def gate(reports: Sequence[Any], threshold: float) -> GateResult:
+    """Which defined cosines lie strictly below ``threshold`` (cosines rounded to 5 decimals,
+    as the selection and the tables use them). Undefined cosines are not gated.
+    """
+    failures: list[GateFailure] = []
+    checked = 0
+    for rep in reports:
+        label = str(getattr(rep, "adapter", ""))
+        for m in rep.modules:
+            if m.cosine is None:
+                continue
+            checked += 1
+            c = round_cosine(m.cosine)
+            if c < threshold:
+                failures.append(GateFailure(label, m.name, c))
+    failures.sort(key=lambda f: (f.cosine, natural_key(f.adapter), natural_key(f.name)))
+    return GateResult(float(threshold), failures, checked)
+
+
+def validate_sort(sort: str | None) -> SortKey | None:
+    """``--sort`` value check (UsageError, exit 2, otherwise)."""
+    if sort is None:
+        return None
+    s = sort.strip().lower()
+    if s not in SORT_KEYS:
+        raise UsageError(
+            f"--sort must be layer or cosine, got {sort!r}.",
+            hint="Use --sort layer (model order) or --sort cosine (lowest first).",
+        )
+    return s  # type: ignore[return-value]
+
+
+def order_modules(
+    modules: Sequence[Any], sort: SortKey = "layer", top: int | None = None
+) -> tuple[list[Any], int]:
+    """Rows to show and how many were left out.
+
+    ``layer``: natural order of the module names (layer 10 after 9). ``cosine``: lowest
+    (rounded) cosine first, ties in layer order, undefined cosines last. ``top``: only the
+    ``top`` lowest defined cosines, shown in ``sort`` order.
+    """
+    by_layer = sorted(modules, key=lambda m: natural_key(m.name))
+    if top is not None:
+        ranked = sorted(
+            (m for m in by_layer if m.cosine is not None), key=lambda m: round_cosine(m.cosine)
+        )
+        keep = {id(m) for m in ranked[:top]}
+        rows = [m for m in by_layer if id(m) in keep]
+    else:
+        rows = by_layer
+    if sort == "cosine":
+        rows = sorted(
+            rows,
+            key=lambda m: (m.cosine is None, round_cosine(m.cosine) if m.cosine is not None else 0),
+        )
+    return rows, len(modules) - len(rows)
+
+
+def short_reason(module: Any) -> str:
+    """A few words for a table cell: ``yes``, or ``no: <why>`` (the full reason is in JSON).
+
+    ``no: cos > t`` (above the threshold the selection implies), ``no: V = 0`` (no alignment
+    signal), ``no: BA = 0`` (untrained LoRA), ``no: CBA = 0`` (update orthogonal to the
+    alignment subspace), ``no: none`` (nothing selected).
+    """
+    from safelora_cli import scoring
+
+    if module.projected:
+        return "yes"
+    reason = module.reason or ""
+    if reason == scoring.REASON_UNTRAINED:
+        return "no: BA = 0"
+    if reason == scoring.REASON_ORTHOGONAL:
+        return "no: CBA = 0"
+    if reason == scoring.REASON_NONE_SELECTED:
+        return "no: none"
+    if reason.startswith(scoring.REASON_NO_SIGNAL.split("{", 1)[0]):
+        return "no: V = 0"
+    if reason.startswith(scoring.REASON_ABOVE.split("{", 1)[0]):
+        return "no: cos > t"
+    return f"no: {reason}" if reason else "no"
