@@ -9,8 +9,10 @@ wrapped by ``torch.frombuffer``), **not** through mmap. Pages of an mmap stay re
 counted in RSS) for as long as the mapping is open, so reading a whole model through
 ``safe_open`` grows RSS to roughly the model size until the handle is closed; with pread each
 tensor owns its memory and RSS returns to its baseline as soon as the tensor is dropped.
-``bench/read_rss.py`` measures both (see its figures in the module docstring there). The cost is
-one copy from the page cache, which mmap would also pay on first touch.
+``bench/read_rss.py`` measures both: reading every tensor of a 512 MB / 1 GB float32
+checkpoint (16 MiB tensors) peaks at +21 MB over the RSS after ``import torch`` with this reader,
+and at +517 MB / +1029 MB through ``safe_open`` or raw mmap views with the handles kept open.
+The cost is one copy from the page cache, which mmap would also pay on first touch.
 
 Byte order: safetensors data is little-endian; on a big-endian host :meth:`load` byte-swaps.
 File handles: at most :data:`MAX_OPEN_FILES` shard files are open at once (LRU).
