@@ -457,9 +457,16 @@ class CheckpointReader:
 
     @staticmethod
     def _pickle_error(path: Path, label: str) -> CheckpointError:
+        hint = CONVERT_HINT
+        if path.name.startswith("adapter_model"):
+            hint = (
+                "load PEFT adapters with safelora_cli.adapter.load_adapter (it reads a legacy "
+                "adapter_model.bin safely), or re-save with save_pretrained(..., "
+                "safe_serialization=True)"
+            )
         return CheckpointError(
             f"{label}: {path} is a pickled PyTorch checkpoint; only safetensors is read",
-            hint=CONVERT_HINT,
+            hint=hint,
             path=path,
         )
 
@@ -476,6 +483,12 @@ class CheckpointReader:
         index = Path(index)
         root = index.parent
         wm = read_index(index, label)
+        if not wm:
+            raise CheckpointError(
+                f"{label}: {index} lists no tensors",
+                hint="the index is empty; re-download or re-save the checkpoint",
+                path=index,
+            )
         only = None if shards is None else set(shards)
         by_shard: dict[str, list[str]] = {}
         for name, shard in wm.items():

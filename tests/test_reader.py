@@ -366,9 +366,10 @@ def test_from_files_duplicate_name(tmp_path: Path) -> None:
         json.dumps({"weight_map": ["a"]}),
         json.dumps({"weight_map": {"a": 1}}),
         json.dumps({"metadata": {}}),
+        json.dumps({"weight_map": {}}),
         "[" * 100_000 + "]" * 100_000,
     ],
-    ids=["not-json", "not-object", "map-not-dict", "value-not-str", "no-map", "deep"],
+    ids=["not-json", "not-object", "map-not-dict", "value-not-str", "no-map", "empty", "deep"],
 )
 def test_malformed_index(tmp_path: Path, content: str) -> None:
     two_shards(tmp_path)
