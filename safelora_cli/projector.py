@@ -257,10 +257,11 @@ def prefetched(fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
             fut = ex.submit(fn, todo[0])
             try:
                 for i in range(len(todo)):
-                    result = fut.result()
+                    # Held in a box and popped into the yield, so this frame keeps no
+                    # reference to an item the caller has already dropped.
+                    box = [fut.result()]
                     fut = ex.submit(fn, todo[i + 1]) if i + 1 < len(todo) else None
-                    yield result
-                    del result
+                    yield box.pop()
             finally:
                 if fut is not None:
                     fut.cancel()

@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 
-from safelora_cli.errors import SafeLoraError
 from safelora_cli.options import Device, Quiet, RevisionAligned, RevisionBase
 
 
@@ -35,4 +34,18 @@ def command(
     quiet: Quiet = False,
 ) -> None:
     """Stream BASE and ALIGNED one weight pair at a time and cache one projector per target."""
-    raise SafeLoraError("compute-projections is not implemented yet.", hint="See issue 3.")
+    from safelora_cli.compute import compute_projections
+    from safelora_cli.render import RichProgress, status
+
+    summary = compute_projections(
+        base,
+        aligned,
+        output,
+        adapters=tuple(adapter or ()),
+        targets=targets,
+        device=device,
+        revision_base=revision_base,
+        revision_aligned=revision_aligned,
+        progress=RichProgress(quiet=quiet),
+    )
+    status(summary.line(), quiet=quiet)

@@ -1,0 +1,390 @@
+"""compute-projections: stream two checkpoints one weight pair at a time into a projection cache.
+
+Contract:
+
+- :func:`compute_projections` ``(base, aligned, cache_dir, *, adapters=(), targets=None,
+  device="auto", revision_base=None, revision_aligned=None, progress=None, dtype=None)
+  -> ComputeSummary``. Targets come from :func:`safelora_cli.targets.resolve_targets` (the
+  weights behind the adapters' LoRA modules, mapped as patch maps them, and/or ``--targets``).
+  Hub models are opened with ``want=`` so only the shards holding target weights are fetched.
+  Everything that can be checked from headers is checked before the cache is touched: each
+  target present on both sides, same shape, 2-D, floating point (CheckpointError naming the
+  weight and the files). Weights already in the cache are skipped and not read.
+- Streaming: each needed tensor is read once from each checkpoint. A background thread reads
+  the *next* pair (on CUDA into pinned host memory) while the current pair is computed, so at
+  most two pairs are resident. On CUDA the host-to-device copies are ``non_blocking`` from
+  pinned memory, so disk reads overlap GPU work; results come back to the CPU for writing.
+  Each entry is written (:meth:`ProjectionCache.put`) as soon as it is computed.
+- Failure: a killed run leaves the cache marked in progress with only complete entries; the
+  same command resumes it. A run that fails with an input error (e.g. NaN in a delta) removes
+  a cache directory it created itself, and leaves an existing cache with the entries it had
+  plus any completed in this run (all valid), marked complete.
+- :func:`parse_device` ``(spec) -> torch.device``: ``auto|cpu|cuda|cuda:N``; UsageError for a
+  malformed or unavailable device.
+- :class:`StreamingProjectorSource` ``(base_reader, aligned_reader, *, device="cpu")``: a
+  :class:`~safelora_cli.projector.ProjectorSource` computing only the requested projectors
+  from two open readers (``patch --base/--aligned``); nothing is written. Its projectors live
+  on ``device``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from safelora_cli.errors import CheckpointError, SafeLoraError, UsageError
+from safelora_cli.projector import Projector, alignment_delta, build_projector, prefetched
+from safelora_cli.targets import FLOAT_CODES, Target, names_for, resolve_targets
+
+if TYPE_CHECKING:
+    import torch
+
+    from safelora_cli.progress import Progress
+    from safelora_cli.reader import CheckpointReader
+
+
+def parse_device(spec: str | None) -> torch.device:
+    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``; UsageError otherwise."""
+    import torch
+
+    s = (spec or "auto").strip().lower()
+    if s == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if s == "cpu":
+        return torch.device("cpu")
+    m = re.fullmatch(r"cuda(?::(\d+))?", s)
+    if m is None:
+        raise UsageError(
+            f"--device {spec!r} is not one of auto, cpu, cuda, cuda:N",
+            hint="e.g. --device cuda:0",
+        )
+    if not torch.cuda.is_available():
+        raise UsageError(
+            f"--device {spec} asked for CUDA but no CUDA device is available",
+            hint="use --device cpu (or auto)",
+        )
+    idx = int(m.group(1) or 0)
+    n = torch.cuda.device_count()
+    if idx >= n:
+        raise UsageError(
+            f"--device {spec}: there is no CUDA device {idx} ({n} visible)",
+            hint=f"use cuda:0 .. cuda:{n - 1}",
+        )
+    return torch.device("cuda", idx)
+
+
+@dataclass
+class ComputeSummary:
+    """What a compute-projections run did."""
+
+    cache_dir: Path
+    computed: int
+    skipped: int
+    bytes_read: int
+    seconds: float
+    cache_bytes: int
+    device: str
+    degenerate: list[str] = field(default_factory=list)
+    created: bool = False
+
+    @property
+    def weights(self) -> int:
+        """Weights the cache now holds for this request (computed + already present)."""
+        return self.computed + self.skipped
+
+    def line(self) -> str:
+        """The one-line human summary (weights, bytes read, seconds, cache size)."""
+        parts = [f"{self.computed} weights computed"]
+        if self.skipped:
+            parts.append(f"{self.skipped} already cached")
+        if self.degenerate:
+            parts.append(f"{len(self.degenerate)} with no alignment signal (V = 0)")
+        return (
+            f"{', '.join(parts)}; read {_mb(self.bytes_read)} in {self.seconds:.1f} s "
+            f"on {self.device}; cache {self.cache_dir} is {_mb(self.cache_bytes)}"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "cache": str(self.cache_dir),
+            "computed": self.computed,
+            "skipped": self.skipped,
+            "bytes_read": self.bytes_read,
+            "seconds": self.seconds,
+            "cache_bytes": self.cache_bytes,
+            "device": self.device,
+            "degenerate": list(self.degenerate),
+        }
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def _where(reader: CheckpointReader) -> Path:
+    if reader.index_path is not None:
+        return reader.index_path
+    files = reader.files
+    return files[0] if len(files) == 1 else reader.root
+
+
+def check_pairs(base: CheckpointReader, aligned: CheckpointReader, weights: Sequence[str]) -> None:
+    """CheckpointError unless every weight is a 2-D float tensor of the same shape on both sides."""
+    for w in weights:
+        for r in (base, aligned):
+            if w not in r:
+                raise CheckpointError(
+                    f"{w} is missing from the {r.label} ({_where(r)})",
+                    hint="base and aligned must be the same architecture; check both paths",
+                    path=_where(r),
+                )
+        tb, ta = base.info(w), aligned.info(w)
+        if tb.shape != ta.shape:
+            raise CheckpointError(
+                f"{w} has shape {list(tb.shape)} in {tb.path} but {list(ta.shape)} in {ta.path}",
+                hint="base and aligned must be the same architecture and size",
+                path=ta.path,
+            )
+        if len(tb.shape) != 2:
+            raise CheckpointError(
+                f"{w} in {tb.path} has shape {list(tb.shape)}; only 2-D weights are projected",
+                hint="choose linear-layer weights (--targets q_proj,v_proj or --adapter)",
+                path=tb.path,
+            )
+        for ti in (tb, ta):
+            if ti.dtype not in FLOAT_CODES:
+                raise CheckpointError(
+                    f"{w} in {ti.path} is {ti.dtype}, not a float tensor",
+                    hint="quantised checkpoints are not supported; use the unquantised weights",
+                    path=ti.path,
+                )
+
+
+# (target, base weight, aligned weight, bytes read)
+_Pair = tuple[Target, "torch.Tensor", "torch.Tensor", int]
+
+
+class _PairStream:
+    """Loads weight pairs on a background thread and turns them into projectors.
+
+    ``load`` (prefetch thread): both tensors read once, on CUDA into pinned host memory.
+    ``compute`` (caller thread): non-blocking copy to the device, float32 delta, projector.
+    """
+
+    def __init__(self, base: CheckpointReader, aligned: CheckpointReader, device: torch.device):
+        self.base = base
+        self.aligned = aligned
+        self.device = device
+
+    def load(self, t: Target) -> _Pair:
+        wb = self.base.load(t.weight)
+        wa = self.aligned.load(t.weight)
+        if self.device.type == "cuda":
+            wb, wa = wb.pin_memory(), wa.pin_memory()
+        nbytes = self.base.info(t.weight).nbytes + self.aligned.info(t.weight).nbytes
+        return t, wb, wa, nbytes
+
+    def compute(
+        self, box: list[tuple[Target, torch.Tensor, torch.Tensor, int]], *, dtype: Any = None
+    ) -> Projector:
+        """The projector of the pair in ``box`` (emptied, so the pair's memory goes early)."""
+        t, wb, wa, _ = box.pop()
+        if self.device.type != "cpu":
+            wb = wb.to(self.device, non_blocking=True)
+            wa = wa.to(self.device, non_blocking=True)
+        v = alignment_delta(wb, wa, fan_in_fan_out=t.fan_in_fan_out)
+        del wb, wa
+        files = (self.base.info(t.weight).path, self.aligned.info(t.weight).path)
+        return build_projector(
+            t.weight, v, fan_in_fan_out=t.fan_in_fan_out, dtype=dtype, sources=files, consume=True
+        )
+
+    def stream(self, targets: Sequence[Target], *, dtype: Any = None) -> Iterator[Projector]:
+        """Projectors of ``targets`` in order; the next pair is read while one is computed."""
+        pairs = prefetched(self.load, targets)
+        try:
+            for _ in range(len(targets)):
+                yield self.compute([next(pairs)], dtype=dtype)
+        finally:
+            pairs.close()
+
+
+class StreamingProjectorSource:
+    """A ProjectorSource that computes projectors on the fly from two open readers.
+
+    Nothing is cached or written; each ``get`` reads both tensors of that weight once.
+    ``projectors`` prefetches the next pair on a background thread. Projectors are on ``device``.
+    """
+
+    def __init__(
+        self,
+        base_reader: CheckpointReader,
+        aligned_reader: CheckpointReader,
+        *,
+        device: str | torch.device = "cpu",
+    ):
+        import torch
+
+        dev = device if isinstance(device, torch.device) else parse_device(str(device))
+        self._stream = _PairStream(base_reader, aligned_reader, dev)
+        self.device = dev
+
+    @property
+    def bytes_read(self) -> int:
+        return self._stream.base.bytes_read + self._stream.aligned.bytes_read
+
+    def _target(self, weight: str, fan_in_fan_out: bool) -> Target:
+        check_pairs(self._stream.base, self._stream.aligned, [weight])
+        shape = self._stream.base.info(weight).shape
+        d_out, d_in = (shape[1], shape[0]) if fan_in_fan_out else (shape[0], shape[1])
+        return Target(weight, fan_in_fan_out, d_out, d_in)
+
+    def require(self, requests: Sequence[tuple[str, bool]], **_: Any) -> None:
+        """CheckpointError unless every requested weight can be computed (headers only)."""
+        check_pairs(self._stream.base, self._stream.aligned, [w for w, _ in requests])
+
+    def get(self, weight: str, *, fan_in_fan_out: bool = False) -> Projector:
+        t = self._target(weight, fan_in_fan_out)
+        return self._stream.compute([self._stream.load(t)])
+
+    def projectors(self, requests: Sequence[tuple[str, bool]]) -> Iterator[Projector]:
+        targets = [self._target(w, f) for w, f in requests]
+        return self._stream.stream(targets)
+
+
+def _peek_present(cache_dir: Path) -> set[str]:
+    """Weights an existing cache already holds (empty when there is none or it is unreadable)."""
+    from safelora_cli.cache import ProjectionCache
+
+    try:
+        return set(ProjectionCache.open(cache_dir, allow_incomplete=True).weights())
+    except SafeLoraError:
+        return set()
+
+
+def compute_projections(
+    base: str,
+    aligned: str,
+    cache_dir: str | Path,
+    *,
+    adapters: Sequence[str | Path] = (),
+    targets: str | None = None,
+    device: str = "auto",
+    revision_base: str | None = None,
+    revision_aligned: str | None = None,
+    progress: Progress | None = None,
+    dtype: Any = None,
+) -> ComputeSummary:
+    """Compute and cache one projector per target weight (see the module docstring)."""
+    from safelora_cli.adapter import load_adapter
+    from safelora_cli.progress import NullProgress
+    from safelora_cli.sources import open_model
+
+    t0 = time.perf_counter()
+    progress = progress or NullProgress()
+    if not adapters and targets is None:
+        raise UsageError(
+            "nothing to compute: give --adapter (one or more) or --targets",
+            hint="e.g. --adapter ./my-lora, or --targets q_proj,v_proj",
+        )
+    dev = parse_device(device)
+    cache_dir = Path(cache_dir)
+    loaded = []
+    try:
+        for a in adapters:
+            loaded.append(load_adapter(a))
+        all_names: list[str] = []
+
+        def want(names: list[str]) -> list[str]:
+            all_names[:] = names
+            return names_for(names, adapters=loaded, targets=targets)
+
+        rb, sb = open_model(base, revision=revision_base, label="base model", want=want)
+        with contextlib.ExitStack() as stack:
+            stack.callback(rb.close)
+            ra, sa = open_model(
+                aligned, revision=revision_aligned, label="aligned model", want=want
+            )
+            stack.callback(ra.close)
+            tlist = resolve_targets(
+                rb,
+                adapters=loaded,
+                targets=targets,
+                names=all_names or None,
+                config=sb.config,
+            )
+            present = _peek_present(cache_dir)
+            todo = [t for t in tlist if t.weight not in present]
+            check_pairs(rb, ra, [t.weight for t in todo])
+            return _run(rb, ra, sb, sa, cache_dir, tlist, dev, progress, dtype, t0)
+    finally:
+        for ad in loaded:
+            ad.close()
+
+
+def _run(
+    rb: CheckpointReader,
+    ra: CheckpointReader,
+    sb: Any,
+    sa: Any,
+    cache_dir: Path,
+    tlist: list[Target],
+    dev: torch.device,
+    progress: Progress,
+    dtype: Any,
+    t0: float,
+) -> ComputeSummary:
+    from safelora_cli.cache import ProjectionCache
+
+    cache = ProjectionCache.create_or_resume(cache_dir, sb, sa, dtype=dtype)
+    created = cache.created
+    read0 = rb.bytes_read + ra.bytes_read
+    degenerate: list[str] = []
+    done = 0
+    try:
+        cache.require([(t.weight, t.fan_in_fan_out) for t in tlist if cache.has(t.weight)])
+        todo = [t for t in tlist if not cache.has(t.weight)]
+        stream = _PairStream(rb, ra, dev)
+        progress.start(len(todo), "computing projections")
+        try:
+            projectors = contextlib.closing(stream.stream(todo, dtype=dtype))
+            with projectors as it:
+                for t, pr in zip(todo, it, strict=True):
+                    cache.put(pr)
+                    if pr.degenerate:
+                        degenerate.append(pr.weight)
+                    del pr
+                    done += 1
+                    progress.advance(1, rb.info(t.weight).nbytes + ra.info(t.weight).nbytes)
+        finally:
+            progress.finish()
+        cache.finish()
+    except (SafeLoraError, OSError):
+        if created:
+            # A cache this run created and could not finish: remove it (nothing left behind).
+            cache.close()
+            shutil.rmtree(cache_dir, ignore_errors=True)
+        else:
+            # Every entry the manifest names is complete; the run is over, so say so.
+            with contextlib.suppress(SafeLoraError, OSError):
+                cache.finish()
+        raise
+    finally:
+        cache.close()
+    return ComputeSummary(
+        cache_dir=cache_dir,
+        computed=done,
+        skipped=len(tlist) - len(todo),
+        bytes_read=rb.bytes_read + ra.bytes_read - read0,
+        seconds=time.perf_counter() - t0,
+        cache_bytes=cache.size_bytes(),
+        device=str(dev),
+        degenerate=degenerate,
+        created=created,
+    )
