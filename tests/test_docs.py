@@ -1,0 +1,393 @@
+"""The docs cannot rot: their examples run, their flags exist, their links resolve.
+
+Conventions in README.md and docs/*.md (docs/index.md repeats them for writers):
+
+- A fenced ```` ```console ```` block is run. Each ``$ `` line is a command (a trailing ``\\``
+  continues it on the next line); other lines are sample output and are not checked. A command
+  is expected to exit 0, or the code given by a trailing ``# exit N`` comment.
+- A fenced ```` ```python ```` block right after the line ``<!-- docs-test: run -->`` is run
+  as a script and must exit 0 (other python blocks are sketches, e.g. signatures).
+- A console block right after the line ``<!-- docs-test: skip -->`` is not run (Hub ids,
+  GPUs); ```` ```bash ````, ```` ```yaml ```` and other blocks never are. But every ``safelora``
+  invocation in any block must name an existing subcommand and only options it has.
+
+Runnable examples use the files ``make demo`` builds (``demo/base``, ``demo/aligned``,
+``demo/adapters/benign-chat``, ``demo/adapters/drifted-chat``): each page runs, top to bottom,
+in a fresh copy of that tree built by :func:`safelora_cli.demo.build`, so a page must create
+what it uses (its own ``compute-projections`` first). Plain ``safelora`` commands run in
+process (fast); anything with shell syntax runs under ``bash`` with ``safelora`` and ``python``
+on ``PATH``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from safelora_cli import errors as errors_mod
+from safelora_cli.cli import app
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+SKIP_MARK = "<!-- docs-test: skip -->"
+RUN_MARK = "<!-- docs-test: run -->"
+EXIT_RE = re.compile(r"#\s*exit\s+(\d+)\s*$")
+SHELL_OPS = {"|", "||", "&", "&&", ";", ">", ">>", "<", "(", ")", "2>", "$(", "`"}
+
+
+def _pages() -> list[Path]:
+    return [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
+
+
+def _rel(p: Path) -> str:
+    return str(p.relative_to(ROOT))
+
+
+@dataclass(frozen=True)
+class Block:
+    page: Path
+    line: int  # 1-based line of the opening fence
+    lang: str
+    text: str
+    skip: bool
+    run_mark: bool
+
+    @property
+    def runnable(self) -> bool:
+        if self.lang == "console":
+            return not self.skip
+        return self.lang == "python" and self.run_mark
+
+    @property
+    def where(self) -> str:
+        return f"{_rel(self.page)}:{self.line}"
+
+
+def blocks(page: Path) -> list[Block]:
+    """Fenced code blocks of a markdown page, in order."""
+    out: list[Block] = []
+    lines = page.read_text(encoding="utf-8").splitlines()
+    i = 0
+    while i < len(lines):
+        m = re.match(r"^(\s*)(```+|~~~+)\s*([\w+-]*)", lines[i])
+        if not m:
+            i += 1
+            continue
+        fence, lang = m.group(2), m.group(3).lower()
+        mark = lines[i - 1].strip() if i > 0 else ""
+        start = i
+        body: list[str] = []
+        i += 1
+        while i < len(lines) and not lines[i].strip().startswith(fence):
+            indent = m.group(1)
+            body.append(lines[i][len(indent) :] if lines[i].startswith(indent) else lines[i])
+            i += 1
+        text = "\n".join(body)
+        out.append(Block(page, start + 1, lang, text, mark == SKIP_MARK, mark == RUN_MARK))
+        i += 1
+    return out
+
+
+def console_commands(text: str) -> list[tuple[str, int]]:
+    """``$ `` commands of a console block (continuations joined) with their expected exit code."""
+    cmds: list[tuple[str, int]] = []
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i].rstrip()
+        i += 1
+        if not line.startswith("$ "):
+            continue
+        cmd = line[2:]
+        while cmd.endswith("\\") and i < len(lines):
+            cmd = cmd[:-1].rstrip() + " " + lines[i].strip()
+            i += 1
+        m = EXIT_RE.search(cmd)
+        cmds.append((cmd, int(m.group(1)) if m else 0))
+    return cmds
+
+
+def shell_text(block: Block) -> str:
+    """The shell text of a block, continuations joined, prompts and sample output dropped."""
+    if block.lang == "console":
+        return "\n".join(c for c, _ in console_commands(block.text))
+    if block.lang in {"bash", "sh", "shell", "yaml", "yml"}:
+        return re.sub(r"\\\n\s*", " ", block.text)
+    return ""
+
+
+def safelora_invocations(text: str) -> list[list[str]]:
+    """Argument lists of every ``safelora ...`` call in shell text (up to a shell operator)."""
+    calls: list[list[str]] = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line.startswith("- run:") or line.startswith("run:"):
+            line = line.split(":", 1)[1].strip()
+        if "safelora" not in line:
+            continue
+        lex = shlex.shlex(line, posix=True, punctuation_chars=True)
+        lex.whitespace_split = True
+        lex.commenters = "#"
+        try:
+            tokens = list(lex)
+        except ValueError:
+            continue
+        for j, tok in enumerate(tokens):
+            if tok != "safelora":
+                continue
+            args: list[str] = []
+            for t in tokens[j + 1 :]:
+                if t in SHELL_OPS or set(t) <= set("|&;<>()"):
+                    break
+                args.append(t)
+            calls.append(args)
+    return calls
+
+
+def _cli_options() -> dict[str, set[str]]:
+    """Subcommand -> every option spelling it accepts (plus the root's own options)."""
+    group = typer.main.get_command(app)
+    ctx = typer.Context(group)
+    out: dict[str, set[str]] = {}
+    for name in group.list_commands(ctx):  # type: ignore[attr-defined]
+        cmd = group.get_command(ctx, name)  # type: ignore[attr-defined]
+        opts: set[str] = set()
+        for p in cmd.params:
+            if getattr(p, "param_type_name", "") == "option":
+                opts.update(p.opts)
+                opts.update(p.secondary_opts)
+        out[name] = opts
+    root_opts: set[str] = set()
+    for p in group.params:
+        root_opts.update(p.opts)
+    out[""] = root_opts
+    return out
+
+
+OPTIONS = _cli_options()
+
+
+def _is_number(tok: str) -> bool:
+    try:
+        float(tok)
+    except ValueError:
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------- static checks
+
+
+@pytest.mark.parametrize("page", _pages(), ids=_rel)
+def test_every_safelora_call_uses_real_subcommands_and_options(page: Path) -> None:
+    problems: list[str] = []
+    for block in blocks(page):
+        for args in safelora_invocations(shell_text(block)):
+            if not args or args[0].startswith("-"):
+                bad = [a for a in args if a.startswith("-") and a not in OPTIONS[""]]
+                bad = [a for a in bad if a not in ("-h", "--help")]
+                if bad:
+                    problems.append(f"{block.where}: safelora {' '.join(args)}: unknown {bad}")
+                continue
+            sub, rest = args[0], args[1:]
+            if sub not in OPTIONS or sub == "":
+                problems.append(f"{block.where}: unknown subcommand {sub!r}")
+                continue
+            for tok in rest:
+                if not tok.startswith("-") or tok == "-" or _is_number(tok):
+                    continue
+                flag = tok.split("=", 1)[0]
+                if flag not in OPTIONS[sub] and flag not in ("-h", "--help"):
+                    problems.append(f"{block.where}: safelora {sub}: no option {flag}")
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("page", _pages(), ids=_rel)
+def test_relative_links_resolve(page: Path) -> None:
+    text = page.read_text(encoding="utf-8")
+    # Links inside code blocks are not links.
+    text = re.sub(r"```.*?```", "", text, flags=re.S)
+    missing = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"^[a-z]+:", target) or target.startswith("#"):
+            continue
+        path = (page.parent / target.split("#", 1)[0]).resolve()
+        if not path.exists():
+            missing.append(target)
+    assert not missing, f"{_rel(page)}: broken links {missing}"
+
+
+def test_compute_projections_page_lists_every_flag() -> None:
+    text = (DOCS / "compute-projections.md").read_text(encoding="utf-8")
+    long_flags = {o for o in OPTIONS["compute-projections"] if o.startswith("--")}
+    missing = sorted(f for f in long_flags if f not in text and f != "--help")
+    assert not missing, f"docs/compute-projections.md does not document {missing}"
+
+
+def test_every_flag_is_documented_somewhere() -> None:
+    text = "\n".join(p.read_text(encoding="utf-8") for p in _pages())
+    missing = sorted(
+        f"{sub} {flag}"
+        for sub, flags in OPTIONS.items()
+        for flag in flags
+        if sub and flag.startswith("--") and flag != "--help" and flag not in text
+    )
+    assert not missing, f"flags no page mentions: {missing}"
+
+
+def test_errors_page_covers_every_error_class_and_exit_code() -> None:
+    text = (DOCS / "errors.md").read_text(encoding="utf-8")
+    classes = [
+        name
+        for name, obj in vars(errors_mod).items()
+        if isinstance(obj, type) and issubclass(obj, errors_mod.SafeLoraError)
+    ]
+    assert "SafeLoraError" in classes and len(classes) >= 7
+    missing = [c for c in classes if c not in text]
+    assert not missing, f"docs/errors.md does not mention {missing}"
+    for code in (
+        errors_mod.EXIT_OK,
+        errors_mod.EXIT_ERROR,
+        errors_mod.EXIT_USAGE,
+        errors_mod.EXIT_GATE,
+    ):
+        assert re.search(rf"\b{code}\b", text), f"docs/errors.md does not mention exit code {code}"
+
+
+def test_convention_parser_reads_what_it_should() -> None:
+    """The extractor itself: continuations, exit comments, shell operators, skip marks."""
+    text = "$ safelora patch a \\\n    -p c -o o  # exit 2\nsample output\n$ ls demo | wc -l\n"
+    assert console_commands(text) == [
+        ("safelora patch a -p c -o o  # exit 2", 2),
+        ("ls demo | wc -l", 0),
+    ]
+    calls = safelora_invocations("x=1 && safelora inspect a -p c --json | tee r.jsonl # note")
+    assert calls == [["inspect", "a", "-p", "c", "--json"]]
+    assert safelora_invocations("      - run: safelora inspect a --fail-below 0.2") == [
+        ["inspect", "a", "--fail-below", "0.2"]
+    ]
+
+
+# ----------------------------------------------------------------------------- running
+
+
+@pytest.fixture(scope="module")
+def demo_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The inputs ``make demo`` builds, once per module; pages run in copies of it."""
+    from safelora_cli.demo import build
+
+    root = tmp_path_factory.mktemp("docs_demo")
+    build(root / "demo")
+    return root
+
+
+def _shim_dir(where: Path) -> Path:
+    """``safelora`` and ``python`` on PATH for shell examples, both this interpreter."""
+    bin_dir = where / "_bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, target in (("safelora", "-m safelora_cli"), ("python", "")):
+        script = bin_dir / name
+        script.write_text(f'#!/bin/sh\nexec "{sys.executable}" {target} "$@"\n')
+        script.chmod(0o755)
+    return bin_dir
+
+
+def _plain_safelora(cmd: str) -> list[str] | None:
+    """The argument list when ``cmd`` is a bare ``safelora ...`` call; None for shell syntax."""
+    lex = shlex.shlex(cmd, posix=True, punctuation_chars=True)
+    lex.whitespace_split = True
+    lex.commenters = "#"
+    tokens = list(lex)
+    if not tokens or tokens[0] != "safelora":
+        return None
+    if any(t in SHELL_OPS or set(t) <= set("|&;<>()") for t in tokens) or "$" in cmd:
+        return None
+    return tokens[1:]
+
+
+def _check_output(where: str, cmd: str, rc: int, want: int, out: str, err: str) -> list[str]:
+    problems: list[str] = []
+    tail = "\n".join(err.strip().splitlines()[-6:])
+    if rc != want:
+        problems.append(f"{where}: `{cmd}` exited {rc}, the page says {want}\n{tail}")
+        return problems
+    if "Traceback" in err:
+        problems.append(f"{where}: `{cmd}` printed a traceback\n{tail}")
+    if rc not in (0, 3) and "error:" not in err:
+        problems.append(f"{where}: `{cmd}` failed without an `error:` line\n{tail}")
+    if "--json" in cmd and ">" not in cmd and rc in (0, 3):
+        for line in out.splitlines():
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                problems.append(f"{where}: `{cmd}` printed a non-JSON line: {line[:80]!r}")
+                break
+            if not isinstance(obj, dict):
+                problems.append(f"{where}: `{cmd}` printed JSON that is not an object")
+    return problems
+
+
+def _runnable_pages() -> list[Path]:
+    return [p for p in _pages() if any(b.runnable for b in blocks(p))]
+
+
+@pytest.mark.parametrize("page", _runnable_pages(), ids=_rel)
+def test_page_examples_run(
+    page: Path, demo_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    work = tmp_path / "work"
+    shutil.copytree(demo_tree, work)
+    bin_dir = _shim_dir(tmp_path)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("SAFELORA_DEBUG", None)
+    monkeypatch.chdir(work)
+    runner = CliRunner()
+    problems: list[str] = []
+    for block in blocks(page):
+        if not block.runnable:
+            continue
+        if block.lang == "python":
+            res = subprocess.run(
+                [sys.executable, "-c", block.text],
+                cwd=work,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            problems += _check_output(
+                block.where, "python block", res.returncode, 0, res.stdout, res.stderr
+            )
+            continue
+        for cmd, want in console_commands(block.text):
+            args = _plain_safelora(cmd)
+            if args is not None:
+                result = runner.invoke(app, args)
+                rc, out, err = result.exit_code, result.stdout, result.stderr
+                if result.exception is not None and not isinstance(result.exception, SystemExit):
+                    err += f"\nTraceback: {type(result.exception).__name__}: {result.exception}"
+            else:
+                res = subprocess.run(
+                    ["bash", "-c", cmd],
+                    cwd=work,
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=300,
+                )
+                rc, out, err = res.returncode, res.stdout, res.stderr
+            problems += _check_output(block.where, cmd, rc, want, out, err)
+    assert not problems, "\n\n".join(problems)
