@@ -68,6 +68,11 @@ REASON_REPLACED = "the adapter also stores a full weight for this module ({what}
 NOTE_BIAS = "lora_B.bias carried over unchanged"
 NOTE_EXTRA = "{what} carried over unchanged"
 
+# Model families whose attention/MLP layers are transformers' Conv1D (weight stored [in, out]),
+# and the Conv1D layer names in them (from transformers' modeling code).
+CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp"})
+CONV1D_LEAVES = frozenset({"c_attn", "c_proj", "c_fc", "q_attn"})
+
 _A_PARTS = ("lora_A",)
 _B_PARTS = ("lora_B",)
 _DORA_PART = "lora_magnitude_vector"
@@ -622,6 +627,37 @@ def _pair(module: str, g: _Parts, wp: Path) -> tuple[str, str]:
             path=wp,
         )
     return g.a[name], g.b[name]
+
+
+def base_fan_in_fan_out(
+    m: LoraModule, base_shape: tuple[int, ...], *, model_type: str | None = None
+) -> bool:
+    """Whether ``m``'s base weight is stored ``[in, out]``, decided as PEFT decides it.
+
+    PEFT looks at the layer class, not only at the config: it forces ``fan_in_fan_out`` on for
+    ``Conv1D`` layers and off for ``nn.Linear`` (with a warning). Without the model classes, the
+    base config's ``model_type`` stands in: in the GPT-2 family (:data:`CONV1D_MODEL_TYPES`)
+    the layers in :data:`CONV1D_LEAVES` are Conv1D and every other layer is Linear; for other
+    known model types every LoRA target is Linear. With ``model_type=None`` the adapter config
+    decides, unless only the other orientation fits ``base_shape``. The result is checked against ``base_shape`` (AdapterError when it fits neither
+    orientation, naming the module and both shapes).
+    """
+    leaf = m.name.rsplit(".", 1)[-1]
+    if model_type is None:
+        fif = m.fan_in_fan_out
+    else:
+        fif = model_type in CONV1D_MODEL_TYPES and leaf in CONV1D_LEAVES
+    want = (m.d_in, m.d_out) if fif else (m.d_out, m.d_in)
+    if tuple(base_shape) != want:
+        other = (m.d_out, m.d_in) if fif else (m.d_in, m.d_out)
+        if model_type is None and tuple(base_shape) == other:
+            return not fif
+        raise AdapterError(
+            f"adapter module {m.name} is {m.d_out} x {m.d_in} (out x in) but the base weight "
+            f"{m.weight_name} has shape {list(base_shape)}",
+            hint="the adapter was trained on another base model; pass the matching BASE",
+        )
+    return fif
 
 
 def load_adapter(arg: str | Path, *, revision: str | None = None) -> Adapter:

@@ -18,6 +18,7 @@ from safelora_cli.adapter import (
     REASON_EMBEDDING,
     REASON_MODULES_TO_SAVE,
     Adapter,
+    base_fan_in_fan_out,
     load_adapter,
     pattern_key,
     read_adapter,
@@ -504,3 +505,40 @@ def test_real_peft_dora_embedding_modules_to_save(tmp_path: Path) -> None:
     ad = load_adapter(bias.adapter_dir)
     _check_peft(bias, ad, [V0, V1])
     assert all(m.note and "lora_B.bias" in m.note for m in ad.modules)
+
+
+def test_base_orientation_follows_peft_layer_class(tmp_path: Path) -> None:
+    # fan_in_fan_out=False on GPT-2: PEFT flips it on for Conv1D (with a warning) and saves
+    # True; other tools may leave the stale False in the config, as simulated here.
+    case = factory.peft_gpt2(tmp_path, targets=("c_attn", "c_proj"), fan_in_fan_out=False)
+    cfg_path = case.adapter_dir / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    assert cfg["fan_in_fan_out"] is True
+    cfg_path.write_text(json.dumps({**cfg, "fan_in_fan_out": False}))
+    ad = load_adapter(case.adapter_dir)
+    assert not any(m.fan_in_fan_out for m in ad.modules)
+    for m in ad.modules:
+        shape = tuple(case.base[m.weight_name].shape)
+        assert base_fan_in_fan_out(m, shape, model_type="gpt2") is True
+        layer = case.lora_layer(m.name)
+        assert layer.fan_in_fan_out is True
+        delta = layer.get_delta_weight("default").detach().double()
+        mine = m.scale * (ad.load_b(m, dtype=torch.float64) @ ad.load_a(m, dtype=torch.float64))
+        torch.testing.assert_close(delta, mine.T)
+        if m.d_out != m.d_in:  # c_attn: the shape alone tells
+            assert base_fan_in_fan_out(m, shape) is True
+    c_proj = next(m for m in ad.modules if m.name.endswith("attn.c_proj"))
+    assert base_fan_in_fan_out(c_proj, (32, 32)) is False  # square: the config decides
+
+
+def test_base_orientation_linear_and_mismatch(tmp_path: Path) -> None:
+    base = factory.llama_weights()
+    d = factory.write_adapter(tmp_path / "a", base=base, config_overrides={"fan_in_fan_out": True})
+    ad = read_adapter(d)
+    v0 = ad.modules[1]
+    assert v0.fan_in_fan_out  # as the config says ...
+    # ... but Llama layers are nn.Linear, for which PEFT turns fan_in_fan_out off.
+    assert base_fan_in_fan_out(v0, (16, 32), model_type="llama") is False
+    assert base_fan_in_fan_out(v0, (16, 32)) is False  # shape [16, 32] only fits [out, in]
+    with pytest.raises(AdapterError, match=r"base weight .* has shape \[32, 32\]"):
+        base_fan_in_fan_out(v0, (32, 32), model_type="llama")
