@@ -13,8 +13,8 @@ Public API::
         sources, tool version, per weight shape/representation/||V||_F/stable rank, size on disk.
     stable_rank(kind, tensor, norm_v) -> tuple[float | None, float | None]
         (sigma_max(V)^2, ||V||_F^2 / sigma_max(V)^2) from a cached gram C or factor F, float64.
-    open_projector_source(projections, base, aligned, ...) -> context manager of a ProjectorSource
-    score(adapters, source, selection, *, progress=None) -> list[AdapterReport]
+    score(adapters, selection, *, projections | base + aligned, ...) -> list[AdapterReport]
+        what patch --dry-run computes, through patch's own source/mapping and scoring code.
     gate(reports, threshold) -> GateResult
         the ``--fail-below`` CI gate: which defined cosines lie below ``threshold``.
     order_modules(modules, sort, top=None) -> tuple[list, int]
@@ -25,9 +25,8 @@ Public API::
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -40,6 +39,7 @@ if TYPE_CHECKING:
     import torch
 
     from safelora_cli.progress import Progress
+    from safelora_cli.scoring import AdapterReport
 
 SortKey = Literal["layer", "cosine"]
 SORT_KEYS: tuple[str, ...] = ("layer", "cosine")
@@ -390,93 +390,50 @@ def summarize_cache(path: str | Path, *, progress: Progress | None = None) -> Ca
 # ------------------------------------------------------------------------ adapter vs projectors
 
 
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; anything else as given."""
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@contextlib.contextmanager
-def open_projector_source(
-    projections: str | Path | None,
-    base: str | None,
-    aligned: str | None,
+def score(
+    adapters: Sequence[str],
+    selection: Selection,
     *,
+    projections: Path | None = None,
+    base: str | None = None,
+    aligned: str | None = None,
     device: str = "auto",
     revision_base: str | None = None,
     revision_aligned: str | None = None,
-    adapters: Sequence[str] = (),
-) -> Iterator[Any]:
-    """The projectors to score against: a cache (``-p``) or ``--base``/``--aligned`` streamed.
-
-    Raises UsageError when neither or both are given, or only one of ``--base``/``--aligned``.
-    """
-    if projections is not None and (base is not None or aligned is not None):
-        raise UsageError(
-            "-p/--projections and --base/--aligned are mutually exclusive.",
-            hint="Give a cache with -p, or both models with --base and --aligned.",
-        )
-    if projections is None and (base is None) != (aligned is None):
-        missing = "--aligned" if aligned is None else "--base"
-        raise UsageError(
-            f"{missing} is missing: --base and --aligned go together.",
-            hint="Give both models, or a cache built by compute-projections with -p.",
-        )
-    if projections is None and base is None:
-        raise UsageError(
-            "no projectors: give -p CACHE or --base BASE --aligned ALIGNED.",
-            hint="Without projectors, `safelora inspect ADAPTER` summarises the adapter alone.",
-        )
-    if projections is not None:
-        from safelora_cli.cache import ProjectionCache
-
-        src = ProjectionCache.open(
-            Path(projections), device=resolve_device(device), adapters=[str(a) for a in adapters]
-        )
-        try:
-            yield src
-        finally:
-            src.close()
-        return
-    from safelora_cli.compute import StreamingProjectorSource
-    from safelora_cli.sources import open_model
-
-    assert base is not None and aligned is not None
-    base_reader, _ = open_model(base, revision=revision_base, label="base model")
-    try:
-        aligned_reader, _ = open_model(aligned, revision=revision_aligned, label="aligned model")
-        try:
-            yield StreamingProjectorSource(base_reader, aligned_reader, device=device)
-        finally:
-            aligned_reader.close()
-    finally:
-        base_reader.close()
-
-
-def score(
-    adapters: Sequence[str | Path],
-    source: Any,
-    selection: Selection,
-    *,
-    revision: str | None = None,
     progress: Progress | None = None,
-) -> list[Any]:
-    """Score each adapter against ``source`` with patch's own math; one AdapterReport each.
+) -> list[AdapterReport]:
+    """Score each adapter against a cache (``projections``) or ``base`` + ``aligned``.
 
-    The reports carry per-module ``ModuleScore`` rows, the decision and Pdst
-    (:mod:`safelora_cli.scoring`); ``report.to_json()`` is the ``patch --json`` schema.
+    Exactly what ``patch --dry-run`` computes, through the same code: the same flag checks,
+    adapter loading, module-to-weight mapping and projector source as
+    :func:`safelora_cli.patch.patch_adapters`, and :func:`safelora_cli.scoring.score_adapters`
+    for cosines, selection and Pdst. Nothing is written. Returns one AdapterReport per adapter
+    in argument order (``output`` None, ``sources`` set); ``to_json()`` is the ``patch --json``
+    schema. Raises UsageError for flag combinations patch refuses, and the inputs' errors.
     """
-    from safelora_cli.adapter import load_adapter
+    # patch's private helpers on purpose: inspect must see the same weights patch would use.
+    from safelora_cli.patch import _check_flags, _load_all, _projector_source
     from safelora_cli.scoring import score_adapters
 
-    loaded = []
+    _check_flags(adapters, projections, base, aligned, revision_base, revision_aligned, None)
+    loaded = _load_all(adapters)
     try:
-        for arg in adapters:
-            loaded.append(load_adapter(arg, revision=revision))
-        scored = score_adapters(loaded, source, selection, progress=progress)
+        with _projector_source(
+            loaded,
+            adapters,
+            projections=Path(projections) if projections is not None else None,
+            base=base,
+            aligned=aligned,
+            device=device,
+            revision_base=revision_base,
+            revision_aligned=revision_aligned,
+            save_projections=None,
+        ) as (source, weight_for, sources):
+            scored = score_adapters(
+                loaded, source, selection, weight_for=weight_for, progress=progress
+            )
+        for s in scored:
+            s.report.sources = sources
         return [s.report for s in scored]
     finally:
         for ad in loaded:

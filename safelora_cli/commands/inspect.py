@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -198,10 +199,11 @@ def _selection_lines(report: Any, defined: int) -> list[str]:
         return [f"selection: {flag}: no module has a cosine, nothing projected"]
     if k >= defined:
         return [f"selection: {flag} >= {defined} modules with a cosine: all projected (t = {t})"]
-    lines = [f"selection: {flag} -> t = {t} ({_ordinal(k)} lowest cosine); project cos <= t"]
+    kth = "lowest" if k == 1 else f"{_ordinal(k)} lowest"
+    lines = [f"selection: {flag} -> t = {t} ({kth} cosine); project cos <= t"]
     if d.ties:
         more = "1 more module" if d.ties == 1 else f"{d.ties} more modules"
-        lines.append(f"ties: {more} projected, tied with the {_ordinal(k)} lowest at {t}")
+        lines.append(f"ties: {more} projected, tied with the {kth} at {t}")
     return lines
 
 
@@ -244,7 +246,29 @@ def _render_reports(reports: Sequence[Any], sort: str, top: int | None) -> None:
                 f"({hidden} more rows not shown: --top {top} lists the {top} lowest cosines)"
             )
         lines.extend(_summary_lines(rep))
+        lines.extend(_skipped_lines(rep.skipped))
         _emit_lines(lines)
+
+
+def _skipped_lines(skipped: Sequence[Any]) -> list[str]:
+    """Adapter entries that are not LoRA modules patch can project, with the reason."""
+    if not skipped:
+        return []
+    from safelora_cli.naming import natural_key
+
+    lines = [f"{len(skipped)} not projectable, carried over unchanged by patch:"]
+    for sk in sorted(skipped, key=lambda x: natural_key(x.name)):
+        # Wrapped at 80 columns like the tables; continuation lines are indented further.
+        lines.extend(
+            textwrap.wrap(
+                f"{sk.name}: {sk.reason}",
+                width=80,
+                initial_indent="  ",
+                subsequent_indent="    ",
+                break_on_hyphens=False,
+            )
+        )
+    return lines
 
 
 # ----------------------------------------------------------------------------- adapter alone
@@ -305,11 +329,7 @@ def _render_adapter(s: Any) -> None:
         f"{len(s.modules)} LoRA modules can be projected"
         + (f" (lora_B dtype {', '.join(s.dtypes)})" if s.dtypes else "")
     ]
-    if s.skipped:
-        lines.append(f"{len(s.skipped)} skipped, carried over unchanged by patch:")
-        lines.extend(f"  {sk.name}: {sk.reason}" for sk in s.skipped)
-    else:
-        lines.append("nothing skipped")
+    lines.extend(_skipped_lines(s.skipped) or ["nothing skipped"])
     _emit_lines(lines)
 
 
@@ -376,7 +396,10 @@ def command(
     json_out: Json = False,
     sort: Annotated[
         str | None,
-        typer.Option("--sort", help="Row order: layer or cosine (lowest first). [default: layer]"),
+        typer.Option(
+            "--sort",
+            help="Row order: layer or cosine (lowest first). [default: layer; cosine with --top]",
+        ),
     ] = None,
     top: Annotated[
         int | None,
@@ -396,7 +419,8 @@ def command(
     """Per-module similarity tables, or summaries of a cache or an adapter."""
     from safelora_cli.inspection import validate_sort
 
-    sort_key = validate_sort(sort) or "layer"
+    # --top lists the lowest cosines, so it reads lowest first unless --sort says otherwise.
+    sort_key = validate_sort(sort) or ("cosine" if top is not None else "layer")
     if top is not None and top < 1:
         raise UsageError(f"--top must be at least 1, got {top}.", hint="E.g. --top 20.")
     if fail_below is not None and (math.isnan(fail_below) or not -1.0 <= fail_below <= 1.0):
@@ -443,20 +467,21 @@ def command(
         _inspect_adapters_alone(adapters, json_out=json_out)
         return
 
-    from safelora_cli.inspection import gate, open_projector_source, score
+    from safelora_cli.inspection import gate, score
     from safelora_cli.selection import Selection
 
     selection = Selection.from_flags(num_layers, threshold, fraction)
-    with open_projector_source(
-        projections,
-        base,
-        aligned,
+    reports = score(
+        adapters,
+        selection,
+        projections=projections,
+        base=base,
+        aligned=aligned,
         device=device,
         revision_base=revision_base,
         revision_aligned=revision_aligned,
-        adapters=adapters,
-    ) as source:
-        reports = score(adapters, source, selection, progress=render.RichProgress(quiet=quiet))
+        progress=render.RichProgress(quiet=quiet),
+    )
     if json_out:
         _emit_lines([json.dumps(r.to_json()) for r in reports])
     else:
