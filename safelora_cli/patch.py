@@ -1,0 +1,615 @@
+"""``patch``: project the selected LoRA modules of one or many adapters, write new adapters.
+
+:func:`patch_adapters` is the library entry point (the CLI only parses and renders). Contract:
+
+- Projectors come from exactly one place: a projection cache (``projections``; only the entries
+  the adapters need are read, and a missing one is a CacheError naming the
+  ``compute-projections`` command that adds it) or ``base`` + ``aligned`` checkpoints (only the
+  needed weights are read, streaming, nothing cached unless ``save_projections`` is given).
+  Modules map to checkpoint weights exactly as ``compute-projections`` maps them
+  (``targets.weight_for_module``).
+- Scoring is batched (:func:`safelora_cli.scoring.score_adapters`): every projector is read or
+  computed once and applied to every adapter that has that module.
+- Output: with one adapter ``output`` is the new adapter directory; with several it is a
+  parent and each adapter lands in ``output/<name>``, ``<name>`` being the input directory's
+  name (a Hub adapter's repository name); two inputs with one name are a UsageError. ``output``
+  (and every target) may not equal, lie inside or contain an input. An existing ``output`` is
+  refused unless ``force``; with ``force`` an existing target must be a directory that looks
+  like an adapter (it has ``adapter_config.json`` or ``safelora_report.json``) or is empty, so
+  ``--force`` never wipes an unrelated directory.
+- Batch failures are **all-or-nothing**: every adapter is read, matched, scored and checked
+  before the first byte is written; then every new adapter is staged in a temporary directory
+  beside its target (files fsynced) and only when all are staged are they renamed into place.
+  If staging or a rename fails, the renames already done are rolled back (``--force``'d
+  originals restored) and the temporary directories removed. A killed run leaves at most a
+  hidden ``.<name>.safelora-tmp-*`` directory beside the target, never a partial adapter.
+  When ``output`` does not exist yet, a batch is staged as one tree and renamed once.
+- The new adapter directory: every file of the input directory is copied byte for byte
+  (recursively; ``.git`` and ``.cache`` are not copied: they describe the input's download,
+  not the new adapter), ``adapter_config.json`` included, unchanged. The weights file is
+  rewritten as ``adapter_model.safetensors`` with the same keys, dtypes, shapes and tensor
+  order; tensors other than the projected ``lora_B`` are copied as their stored bytes. Its
+  ``__metadata__`` keeps the input's entries (``{"format": "pt"}``) and adds
+  :data:`META_PREFIX`-keys (JSON strings): ``version``, ``sources``, ``selection``,
+  ``projected``. A legacy ``adapter_model.bin`` input is written as
+  ``adapter_model.safetensors`` (the ``.bin`` is not copied, so PEFT cannot load the unpatched
+  weights by mistake; likewise a stale ``.bin`` beside a ``.safetensors`` input is dropped);
+  tensors keep their dtype and values.
+- ``safelora_report.json`` (:meth:`AdapterReport.to_json`, indented) sits beside it. There is
+  no timestamp anywhere: the same inputs give byte-identical output directories.
+- ``dry_run``: everything up to the writes (including the output checks); nothing written.
+
+Returns one :class:`~safelora_cli.scoring.AdapterReport` per adapter, in argument order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from safelora_cli import __version__
+from safelora_cli.errors import AdapterError, OutputError, SafeLoraError, UsageError
+from safelora_cli.scoring import AdapterReport, ScoredAdapter, score_adapters
+from safelora_cli.selection import Selection
+
+if TYPE_CHECKING:
+    from safelora_cli.adapter import Adapter, LoraModule
+    from safelora_cli.progress import Progress
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_NAME = "adapter_model.bin"
+REPORT_NAME = "safelora_report.json"
+CONFIG_NAME = "adapter_config.json"
+META_PREFIX = "safelora."
+NOT_COPIED = frozenset({".git", ".cache"})
+_TMP = ".safelora-tmp-"
+_OLD = ".safelora-old-"
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def patch_adapters(
+    adapters: Sequence[str],
+    output: Path,
+    *,
+    projections: Path | None = None,
+    base: str | None = None,
+    aligned: str | None = None,
+    selection: Selection | None = None,
+    device: str = "auto",
+    dry_run: bool = False,
+    force: bool = False,
+    revision_base: str | None = None,
+    revision_aligned: str | None = None,
+    save_projections: Path | None = None,
+    progress: Progress | None = None,
+) -> list[AdapterReport]:
+    """Patch ``adapters`` into ``output`` (see the module docstring for every rule).
+
+    Raises UsageError (bad flag combination, duplicate names), SourceError/AdapterError/
+    CheckpointError/CacheError (inputs), OutputError (output rules); nothing is written then.
+    """
+    selection = selection or Selection.from_flags(None, None, None)
+    _check_flags(
+        adapters, projections, base, aligned, revision_base, revision_aligned, save_projections
+    )
+    loaded = _load_all(adapters)
+    try:
+        plan = plan_outputs(loaded, Path(output), force=force)
+        with _projector_source(
+            loaded,
+            adapters,
+            projections=projections,
+            base=base,
+            aligned=aligned,
+            device=device,
+            revision_base=revision_base,
+            revision_aligned=revision_aligned,
+            save_projections=save_projections,
+        ) as (source, weight_for, sources):
+            scored = score_adapters(
+                loaded, source, selection, weight_for=weight_for, progress=progress
+            )
+        for s, target in zip(scored, plan.targets, strict=True):
+            s.report.output = str(target)
+            s.report.sources = sources
+            s.report.dry_run = dry_run
+        if not dry_run:
+            write_outputs(scored, plan)
+        return [s.report for s in scored]
+    finally:
+        for ad in loaded:
+            ad.close()
+
+
+def _check_flags(
+    adapters: Sequence[str],
+    projections: Path | None,
+    base: str | None,
+    aligned: str | None,
+    revision_base: str | None,
+    revision_aligned: str | None,
+    save_projections: Path | None,
+) -> None:
+    if not adapters:
+        raise UsageError("no adapter given.", hint="Pass one or more adapter directories.")
+    streaming = base is not None or aligned is not None
+    if projections is not None and streaming:
+        raise UsageError(
+            "-p/--projections and --base/--aligned are mutually exclusive.",
+            hint="Use a projection cache (-p CACHE) or compute on the fly (--base B --aligned A).",
+        )
+    if projections is None and not streaming:
+        raise UsageError(
+            "no projector source given.",
+            hint="Pass -p CACHE (from safelora compute-projections) or --base B --aligned A.",
+        )
+    if streaming and (base is None or aligned is None):
+        missing = "--aligned" if aligned is None else "--base"
+        raise UsageError(
+            f"{missing} is missing: --base and --aligned go together.",
+            hint="Pass both the base (unaligned) and the aligned model.",
+        )
+    if projections is not None and (revision_base or revision_aligned):
+        raise UsageError(
+            "--revision-base/--revision-aligned apply to --base/--aligned, not to -p.",
+            hint="The cache records the revisions it was built from; drop the flag.",
+        )
+    if save_projections is not None and not streaming:
+        raise UsageError(
+            "--save-projections needs --base and --aligned.",
+            hint="With -p the projections are already cached.",
+        )
+
+
+def _load_all(args: Sequence[str]) -> list[Adapter]:
+    """Every adapter read and validated before anything else happens (nothing half-done)."""
+    from safelora_cli.adapter import load_adapter
+
+    loaded: list[Adapter] = []
+    try:
+        for arg in args:
+            loaded.append(load_adapter(arg))
+    except BaseException:
+        for ad in loaded:
+            ad.close()
+        raise
+    return loaded
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def _provenance(spec: Any) -> dict[str, Any]:
+    """The part of a SourceSpec (object or its JSON) a reader of the output needs."""
+    d = spec.to_json() if hasattr(spec, "to_json") else dict(spec or {})
+    return {k: d.get(k) for k in ("arg", "kind", "path", "repo_id", "revision", "commit")}
+
+
+def _mapper(names: Sequence[str], label: str, *, strict: bool) -> Callable[[LoraModule], str]:
+    """``LoraModule -> checkpoint weight`` exactly as compute-projections maps it."""
+    from safelora_cli.targets import weight_for_module
+
+    memo: dict[str, str] = {}
+
+    def weight_for(m: LoraModule) -> str:
+        if m.name not in memo:
+            try:
+                memo[m.name] = weight_for_module(m, names, source_label=label)
+            except SafeLoraError:
+                if strict:
+                    raise
+                # A cache lacking the weight: let the cache say which command adds it.
+                memo[m.name] = m.weight_name
+        return memo[m.name]
+
+    return weight_for
+
+
+@contextlib.contextmanager
+def _projector_source(
+    loaded: Sequence[Adapter],
+    args: Sequence[str],
+    *,
+    projections: Path | None,
+    base: str | None,
+    aligned: str | None,
+    device: str,
+    revision_base: str | None,
+    revision_aligned: str | None,
+    save_projections: Path | None,
+) -> Iterator[tuple[Any, Callable[[LoraModule], str], dict[str, Any]]]:
+    """``(ProjectorSource, weight_for, provenance)``; everything checked before yielding."""
+    modules = [m for ad in loaded for m in ad.modules]
+    if projections is not None:
+        from safelora_cli.cache import ProjectionCache
+
+        cache = ProjectionCache.open(projections, device=_device(device), adapters=list(args))
+        try:
+            weight_for = _mapper(cache.weights(), "projection cache", strict=False)
+            requests = sorted({(weight_for(m), bool(m.fan_in_fan_out)) for m in modules})
+            cache.require(requests, adapters=list(args))
+            sources = {
+                "cache": str(Path(projections).resolve()),
+                **{k: _provenance(v) for k, v in sorted(cache.sources.items())},
+            }
+            yield cache, weight_for, sources
+        finally:
+            cache.close()
+        return
+
+    from safelora_cli.compute import StreamingProjectorSource
+    from safelora_cli.sources import open_model
+
+    assert base is not None and aligned is not None
+
+    def want(label: str) -> Callable[[list[str]], list[str]]:
+        def pick(names: list[str]) -> list[str]:
+            wf = _mapper(names, label, strict=True)
+            return sorted({wf(m) for m in modules})
+
+        return pick
+
+    base_reader, base_spec = open_model(
+        base, revision=revision_base, label="base model", want=want("base model")
+    )
+    try:
+        aligned_reader, aligned_spec = open_model(
+            aligned, revision=revision_aligned, label="aligned model", want=want("aligned model")
+        )
+    except BaseException:
+        base_reader.close()
+        raise
+    try:
+        weight_for = _mapper(base_reader.names(), "base model", strict=True)
+        requests = sorted({(weight_for(m), bool(m.fan_in_fan_out)) for m in modules})
+        source: Any = StreamingProjectorSource(base_reader, aligned_reader, device=_device(device))
+        source.require(requests)  # headers only: shapes, dtypes, presence, before any compute
+        sources = {"base": _provenance(base_spec), "aligned": _provenance(aligned_spec)}
+        if save_projections is not None:
+            source = _Saving(source, save_projections, base_spec, aligned_spec)
+        try:
+            yield source, weight_for, sources
+            if isinstance(source, _Saving):
+                source.finish()
+        finally:
+            if isinstance(source, _Saving):
+                source.close()
+    finally:
+        base_reader.close()
+        aligned_reader.close()
+
+
+class _Saving:
+    """A ProjectorSource wrapper that also writes every projector into a projection cache."""
+
+    def __init__(self, inner: Any, path: Path, base_spec: Any, aligned_spec: Any) -> None:
+        from safelora_cli.cache import ProjectionCache
+
+        self.inner = inner
+        self.cache = ProjectionCache.create_or_resume(Path(path), base_spec, aligned_spec)
+
+    def get(self, weight: str, *, fan_in_fan_out: bool = False) -> Any:
+        p = self.inner.get(weight, fan_in_fan_out=fan_in_fan_out)
+        self._put(p)
+        return p
+
+    def projectors(self, requests: Sequence[tuple[str, bool]]) -> Iterator[Any]:
+        for p in self.inner.projectors(requests):
+            self._put(p)
+            yield p
+
+    def _put(self, p: Any) -> None:
+        if not self.cache.has(p.weight):
+            self.cache.put(p)
+
+    def finish(self) -> None:
+        self.cache.finish()
+
+    def close(self) -> None:
+        self.cache.close()
+
+
+def _device(device: str) -> Any:
+    """``auto|cpu|cuda|cuda:N`` -> torch.device (UsageError when malformed or unavailable)."""
+    from safelora_cli.compute import parse_device
+
+    return parse_device(device)
+
+
+# ----------------------------------------------------------------------------- output plan
+
+
+@dataclass
+class OutputPlan:
+    """Where each adapter goes. ``batch``: ``root`` is a parent of the targets."""
+
+    root: Path
+    targets: list[Path]
+    batch: bool
+    force: bool
+
+
+def _output_name(ad: Adapter) -> str:
+    src = ad.source
+    if src is not None and getattr(src, "kind", None) == "hub" and src.repo_id:
+        return str(src.repo_id).rsplit("/", 1)[-1]
+    return ad.path.resolve().name
+
+
+def _related(a: Path, b: Path) -> bool:
+    return a == b or a in b.parents or b in a.parents
+
+
+def _looks_replaceable(p: Path) -> bool:
+    """An existing directory ``--force`` may replace: an adapter or an empty directory."""
+    return p.is_dir() and (
+        (p / CONFIG_NAME).is_file() or (p / REPORT_NAME).is_file() or not any(p.iterdir())
+    )
+
+
+def plan_outputs(loaded: Sequence[Adapter], output: Path, *, force: bool) -> OutputPlan:
+    """Apply the output rules (module docstring); OutputError / UsageError when broken."""
+    root = Path(os.path.abspath(output)).resolve()
+    batch = len(loaded) > 1
+    if batch:
+        names: dict[str, Adapter] = {}
+        for ad in loaded:
+            n = _output_name(ad)
+            if n in names:
+                raise UsageError(
+                    f"two adapters would both be written to {root / n}: {names[n].path} and "
+                    f"{ad.path}.",
+                    hint="Patch them in separate runs, or rename one of the input directories.",
+                )
+            names[n] = ad
+        targets = [root / _output_name(ad) for ad in loaded]
+    else:
+        targets = [root]
+    for ad in loaded:
+        src = ad.path.resolve()
+        for t in [root, *targets]:
+            if _related(t, src):
+                raise OutputError(
+                    f"output {t} {'is' if t == src else 'overlaps'} the input adapter {src}.",
+                    hint="Choose an output directory outside every input (-o).",
+                    path=t,
+                )
+    if root.exists() or root.is_symlink():
+        if not force:
+            raise OutputError(
+                f"output {root} already exists.",
+                hint="Choose another -o, or pass --force to replace it.",
+                path=root,
+            )
+        if not root.is_dir():
+            raise OutputError(
+                f"output {root} exists and is not a directory.",
+                hint="Remove it or choose another -o.",
+                path=root,
+            )
+        for t in targets:
+            if (t.exists() or t.is_symlink()) and not _looks_replaceable(t):
+                raise OutputError(
+                    f"output {t} exists and is not an adapter directory; --force will not "
+                    "replace it.",
+                    hint="Remove it yourself or choose another -o.",
+                    path=t,
+                )
+    return OutputPlan(root=root, targets=targets, batch=batch, force=force)
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _tensor_bytes(t: Any) -> bytes:
+    """Little-endian bytes of a CPU tensor (the safetensors data layout)."""
+    import sys
+
+    import torch
+
+    t = t.detach().to("cpu").contiguous()
+    raw = t.reshape(-1).view(torch.uint8)
+    if sys.byteorder == "big" and t.element_size() > 1:  # pragma: no cover - big-endian hosts
+        raw = raw.reshape(-1, t.element_size()).flip(1).reshape(-1)
+    return raw.numpy().tobytes()
+
+
+def provenance_metadata(s: ScoredAdapter) -> dict[str, str]:
+    """The ``safelora.*`` metadata entries (JSON strings: safetensors metadata is str -> str)."""
+    rep = s.report
+    sel = {
+        **rep.selection.to_json(),
+        "threshold": rep.decision.threshold,
+        "k": rep.decision.k,
+        "ties": rep.decision.ties,
+    }
+    dumps = lambda o: json.dumps(o, sort_keys=True, separators=(",", ":"))  # noqa: E731
+    return {
+        f"{META_PREFIX}version": __version__,
+        f"{META_PREFIX}sources": dumps(rep.sources),
+        f"{META_PREFIX}selection": dumps(sel),
+        f"{META_PREFIX}projected": dumps([m.name for m in rep.modules if m.projected]),
+    }
+
+
+def _write_safetensors(s: ScoredAdapter, dest: Path) -> None:
+    """The new weights file: same keys/dtypes/shapes/order; projected lora_B replaced."""
+    ad = s.adapter
+    if ad.is_legacy_bin:
+        names = ad.tensor_names()
+        metadata: dict[str, str] = {"format": "pt"}
+    else:
+        assert ad.reader is not None
+        names = sorted(ad.reader.names(), key=lambda n: ad.reader.info(n).start)
+        metadata = dict(ad.metadata())
+        metadata.setdefault("format", "pt")
+    metadata.update(provenance_metadata(s))
+
+    def payload(name: str) -> tuple[str, list[int], Callable[[], bytes]]:
+        if name in s.tensors:
+            t = s.tensors[name]
+            return ad.dtype(name), list(ad.shape(name)), lambda: _tensor_bytes(t)
+        if ad.is_legacy_bin:
+            return ad.dtype(name), list(ad.shape(name)), lambda: _tensor_bytes(ad.load(name))
+        info = ad.reader.info(name)
+        return info.dtype, list(info.shape), lambda: ad.reader.read_bytes(name)
+
+    header: dict[str, Any] = {"__metadata__": metadata}
+    parts: list[Callable[[], bytes]] = []
+    offset = 0
+    for name in names:
+        dtype, shape, data = payload(name)
+        if name in s.tensors:
+            t = s.tensors[name]
+            if list(t.shape) != shape:
+                raise AdapterError(f"internal: projected {name} has shape {list(t.shape)}")
+        nbytes = _nbytes(dtype, shape)
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + nbytes]}
+        parts.append(data)
+        offset += nbytes
+    hb = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    hb += b" " * (-len(hb) % 8)  # data starts 8-byte aligned, as safetensors writes it
+    with open(dest, "wb") as f:
+        f.write(struct.pack("<Q", len(hb)))
+        f.write(hb)
+        for name, data in zip(names, parts, strict=True):
+            chunk = data()
+            want = header[name]["data_offsets"][1] - header[name]["data_offsets"][0]
+            if len(chunk) != want:
+                raise AdapterError(
+                    f"adapter {ad.weights_path}: {name} has {len(chunk)} bytes, expected {want}",
+                    hint="The adapter file changed while it was being patched; run again.",
+                    path=ad.weights_path,
+                )
+            f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _nbytes(dtype: str, shape: Sequence[int]) -> int:
+    from safelora_cli.reader import DTYPE_SIZES
+
+    n = DTYPE_SIZES[dtype]
+    for d in shape:
+        n *= d
+    return n
+
+
+def _copy_tree(src: Path, dest: Path, skip: set[str]) -> None:
+    """Copy every file under ``src`` (following symlinks: Hub snapshots link to blobs)."""
+    for entry in sorted(src.iterdir()):
+        if entry.name in NOT_COPIED or (entry.parent == src and entry.name in skip):
+            continue
+        target = dest / entry.name
+        if entry.is_dir():
+            target.mkdir()
+            _copy_tree(entry, target, set())
+        elif entry.is_file():
+            with open(entry, "rb") as fi, open(target, "wb") as fo:
+                shutil.copyfileobj(fi, fo, 1 << 20)
+                fo.flush()
+                os.fsync(fo.fileno())
+            shutil.copymode(entry, target)
+    _fsync_dir(dest)
+
+
+def write_adapter_dir(s: ScoredAdapter, dest: Path) -> None:
+    """Fill the (empty, existing) directory ``dest`` with the patched adapter."""
+    ad = s.adapter
+    src = ad.path
+    _copy_tree(src, dest, {ad.weights_path.name, WEIGHTS_NAME, LEGACY_NAME, REPORT_NAME})
+    _write_safetensors(s, dest / WEIGHTS_NAME)
+    report = json.dumps(s.report.to_json(), indent=2, allow_nan=False) + "\n"
+    with open(dest / REPORT_NAME, "w", encoding="utf-8") as f:
+        f.write(report)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(dest)
+
+
+def _mkdtemp(beside: Path, tag: str) -> Path:
+    return Path(tempfile.mkdtemp(prefix=f".{beside.name}{tag}", dir=beside.parent))
+
+
+def _rmtree(p: Path | None) -> None:
+    if p is not None and (p.exists() or p.is_symlink()):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def write_outputs(scored: Sequence[ScoredAdapter], plan: OutputPlan) -> None:
+    """Stage every adapter, then move them all into place; all-or-nothing (module docstring)."""
+    created: list[Path] = []  # parents this run created, removed again on failure
+    for p in reversed(plan.root.parents):
+        if not p.exists():
+            p.mkdir()
+            created.append(p)
+    staged: list[tuple[Path, Path]] = []  # (target, staged directory)
+    try:
+        if plan.batch and not plan.root.exists():
+            tree = _mkdtemp(plan.root, _TMP)
+            staged.append((plan.root, tree))
+            for s, t in zip(scored, plan.targets, strict=True):
+                d = tree / t.name
+                d.mkdir()
+                write_adapter_dir(s, d)
+            _fsync_dir(tree)
+        else:
+            for s, t in zip(scored, plan.targets, strict=True):
+                d = _mkdtemp(t, _TMP)
+                staged.append((t, d))
+                write_adapter_dir(s, d)
+        _commit(staged)
+    except BaseException:
+        for _, d in staged:
+            _rmtree(d)
+        for p in reversed(created):
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        raise
+
+
+def _commit(staged: Sequence[tuple[Path, Path]]) -> None:
+    """Rename each staged directory onto its target; roll every rename back on failure."""
+    done: list[tuple[Path, Path | None]] = []  # (target, moved-aside original)
+    try:
+        for target, d in staged:
+            old = None
+            if target.exists() or target.is_symlink():
+                old = _mkdtemp(target, _OLD)
+                os.rmdir(old)
+                os.rename(target, old)
+            try:
+                os.rename(d, target)
+            except BaseException:
+                if old is not None:
+                    os.rename(old, target)
+                raise
+            done.append((target, old))
+            _fsync_dir(target.parent)
+    except BaseException:
+        for target, old in reversed(done):
+            _rmtree(target)
+            if old is not None:
+                os.rename(old, target)
+        raise
+    for _, old in done:
+        _rmtree(old)
