@@ -12,7 +12,9 @@ Fixtures (see tests/factory.py for the objects they return):
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,13 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 from tests import factory  # noqa: E402
+
+# Also offline at import time: huggingface_hub reads some settings once, when first imported
+# (during collection), so the per-test fixture alone could come too late for it.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="safelora-hf-home-")
+os.environ.pop("HF_HUB_CACHE", None)
 
 
 @pytest.fixture(autouse=True)
