@@ -331,6 +331,15 @@ def hub_error(
             hint="retry later; if it persists, check https://status.huggingface.co",
             path=repo_id,
         )
+    transport = isinstance(e, (ConnectionError, TimeoutError)) or (
+        type(e).__module__ or ""
+    ).startswith(("httpx", "requests", "urllib3"))
+    if isinstance(e, OSError) and not transport:
+        return SourceError(
+            f"cannot store {what} in the Hub cache ({hub_cache_dir()}): {_first_line(e)}",
+            hint="check free disk space and write permission there, or set HF_HUB_CACHE",
+            path=repo_id,
+        )
     return SourceError(
         f"cannot reach the Hub for {what}: {_first_line(e)}",
         hint="check the network connection, or set HF_HUB_OFFLINE=1 to use the local cache",

@@ -465,3 +465,14 @@ def test_token_file_in_hf_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
     assert sources._token() == "hf_from_file"
     monkeypatch.setenv("HF_TOKEN", "hf_env")
     assert sources._token() == "hf_env"
+
+
+def test_cache_write_failure_is_not_called_a_network_error(online, sharded) -> None:
+    src, _ = sharded
+    fake_model_info(online, src)
+    full = OSError(28, "No space left on device")
+    online.setattr(huggingface_hub, "hf_hub_download", _raise(full))
+    with pytest.raises(SourceError) as ei:
+        open_model("org/x", label="base model")
+    msg = one_line(ei)
+    assert "No space left" in msg and "cannot reach" not in msg
