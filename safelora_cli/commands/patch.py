@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 
-from safelora_cli.errors import SafeLoraError
 from safelora_cli.options import (
     AlignedOpt,
     BaseOpt,
@@ -43,6 +42,87 @@ def command(
     revision_base: RevisionBase = None,
     revision_aligned: RevisionAligned = None,
     quiet: Quiet = False,
+    save_projections: Annotated[
+        Path | None,
+        typer.Option(
+            "--save-projections",
+            help="With --base/--aligned: also write the computed projectors to this cache "
+            "directory (reusable with -p).",
+        ),
+    ] = None,
 ) -> None:
-    """Project the selected LoRA modules of one or many adapters and write new adapters."""
-    raise SafeLoraError("patch is not implemented yet.", hint="See issue 4.")
+    """Project the selected LoRA modules of one or many adapters and write new adapters.
+
+    With one ADAPTER, OUT is the new adapter directory; with several, OUT is a parent and each
+    lands in OUT/<adapter directory name>. Nothing is written unless every adapter succeeds.
+    """
+    import json
+    import sys
+
+    from safelora_cli.patch import patch_adapters
+    from safelora_cli.render import RichProgress
+    from safelora_cli.selection import Selection
+
+    selection = Selection.from_flags(num_layers, threshold, fraction)
+    reports = patch_adapters(
+        adapters,
+        output,
+        projections=projections,
+        base=base,
+        aligned=aligned,
+        selection=selection,
+        device=device,
+        dry_run=dry_run,
+        force=force,
+        revision_base=revision_base,
+        revision_aligned=revision_aligned,
+        save_projections=save_projections,
+        progress=RichProgress(quiet=quiet),
+    )
+    if json_out:
+        for rep in reports:
+            sys.stdout.write(json.dumps(rep.to_json(), allow_nan=False) + "\n")
+        sys.stdout.flush()
+    elif not quiet:
+        _summary(reports)
+
+
+def _fmt(x: float | None, spec: str = ".5f") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def _summary(reports: list) -> None:
+    """A few human lines per adapter on stderr: projected N of M, Pdst, lowest cosines, where."""
+    from rich.markup import escape
+
+    from safelora_cli.render import err_console
+
+    con = err_console()
+    for rep in reports:
+        sel = rep.selection.to_json()
+        flag = {"num_layers": "--num-layers", "threshold": "--threshold"}.get(
+            sel["mode"], "--fraction"
+        )
+        head = "would project" if rep.dry_run else "projected"
+        rule = f"{flag} {sel['value']}"
+        if sel["mode"] != "threshold" and rep.threshold is not None:
+            rule += f": cosine <= {rep.threshold:.5f}"
+        if rep.ties:
+            rule += f", {rep.ties} tied at the boundary"
+        con.print(
+            f"[bold]{escape(rep.adapter)}[/bold]: {head} {rep.projected} of {rep.total} "
+            f"modules ({rule}); Pdst {_fmt(rep.pdst, '.4f')}"
+        )
+        low = rep.lowest(3)
+        if low:
+            con.print("  lowest cosines:")
+            for m in low:
+                mark = "  projected" if m.projected else ""
+                con.print(f"    {m.rounded:.5f}  {escape(m.name)}{mark}")
+        undefined = [m for m in rep.modules if m.cosine is None]
+        if undefined:
+            con.print(f"  no cosine (never projected): {len(undefined)}; see the report")
+        if rep.skipped:
+            con.print(f"  carried over unchanged: {len(rep.skipped)} (embedding/DoRA/...)")
+        where = "would be written to" if rep.dry_run else "written to"
+        con.print(f"  {where} {escape(str(rep.output))}")
