@@ -462,23 +462,24 @@ class GateResult:
         return not self.failures
 
     def message(self, worst: int = 3) -> str:
-        """One line naming the worst modules."""
+        """One line naming the worst modules (with several adapters: the worst of each)."""
+        head = (
+            f"{len(self.failures)} of {self.checked} modules have a cosine below {self.threshold:g}"
+        )
         adapters = list(dict.fromkeys(f.adapter for f in self.failures))
-        shown = ", ".join(
-            (
-                f"{f.name} {f.cosine:.5f}"
-                if len(adapters) == 1
-                else f"{f.adapter}: {f.name} {f.cosine:.5f}"
-            )
-            for f in self.failures[:worst]
-        )
-        more = len(self.failures) - worst
-        tail = f" (+{more} more)" if more > 0 else ""
-        where = adapters[0] if len(adapters) == 1 else f"{len(adapters)} adapters"
-        return (
-            f"{len(self.failures)} of {self.checked} modules have a cosine below "
-            f"{self.threshold:g} in {where}; lowest: {shown}{tail}"
-        )
+        if len(adapters) <= 1:
+            shown = ", ".join(f"{f.name} {f.cosine:.5f}" for f in self.failures[:worst])
+            more = len(self.failures) - worst
+            tail = f" (+{more} more)" if more > 0 else ""
+            where = f" in {adapters[0]}" if adapters and adapters[0] else ""
+            return f"{head}{where}; lowest: {shown}{tail}"
+        per = []
+        for a in adapters[:worst]:
+            mine = [f for f in self.failures if f.adapter == a]
+            per.append(f"{a}: {mine[0].name} {mine[0].cosine:.5f} ({len(mine)} below)")
+        more = len(adapters) - worst
+        tail = f" (+{more} more adapters)" if more > 0 else ""
+        return f"{head} in {len(adapters)} adapters; lowest: {'; '.join(per)}{tail}"
 
 
 def gate(reports: Sequence[Any], threshold: float) -> GateResult:

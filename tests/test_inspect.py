@@ -237,21 +237,23 @@ def test_gate_strict_rounded_and_undefined_ignored() -> None:
     assert [f.name for f in g.failures] == ["e", "c"]
     assert g.checked == 4
     msg = g.message()
-    assert "\n" not in msg and "e -0.50000" in msg and "c 0.29999" in msg
+    assert "\n" not in msg and "e -0.50000" in msg and "c 0.29999" in msg and " in ad;" in msg
     assert msg.index("e -0.50000") < msg.index("c 0.29999")
     assert gate([rep], -0.5).passed
 
 
 def test_gate_names_at_most_three_and_adapters() -> None:
     reps = [
-        _Rep("one", [_M(f"x{i}", 0.01 * i) for i in range(5)]),
+        _Rep("one", [_M(f"x{i}", 0.01 * i) for i in range(5)] + [_M("ok", 0.9)]),
         _Rep("two", [_M("y", 0.005)]),
     ]
     g = gate(reps, 0.5)
     assert len(g.failures) == 6
     msg = g.message()
-    assert "two: y 0.00500" in msg and "one: x0 0.00000" in msg and "(+3 more)" in msg
-    assert "x3" not in msg and "2 adapters" in msg
+    # Several adapters: the worst module of each, worst adapter first, with its count.
+    assert "one: x0 0.00000 (5 below); two: y 0.00500 (1 below)" in msg
+    assert "x1" not in msg and "6 of 7 modules" in msg and "in 2 adapters" in msg
+    assert "\n" not in msg
 
 
 # ----------------------------------------------------------------------------- stable rank

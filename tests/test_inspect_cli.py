@@ -288,3 +288,110 @@ def test_json_schema_matches_patch_dry_run(case, tmp_path: Path) -> None:
     for key in ("output", "dry_run"):
         ja.pop(key), jp.pop(key)
     assert ja == jp
+
+
+# ----------------------------------------------------------------------------- 7B-sized tables
+
+
+def _seven_b_report(selection_flags: tuple[int | None, float | None, float | None]):
+    """A Llama-7B-shaped report: 32 layers x 7 modules = 224 rows, made-up cosines."""
+    from safelora_cli.scoring import AdapterReport, ModuleScore
+    from safelora_cli.selection import Selection, select
+
+    shapes = {
+        "self_attn.q_proj": (4096, 4096),
+        "self_attn.k_proj": (1024, 4096),
+        "self_attn.v_proj": (1024, 4096),
+        "self_attn.o_proj": (4096, 4096),
+        "mlp.gate_proj": (14336, 4096),
+        "mlp.up_proj": (14336, 4096),
+        "mlp.down_proj": (4096, 14336),
+    }
+    mods = []
+    for layer in range(32):
+        for j, (short, (d_out, d_in)) in enumerate(shapes.items()):
+            name = f"model.layers.{layer}.{short}"
+            cos = None if (layer, j) == (5, 2) else ((layer * 7 + j) * 0.618034) % 1.0
+            mods.append(
+                ModuleScore(
+                    name,
+                    f"{name}.weight",
+                    layer,
+                    16,
+                    2.0,
+                    d_out,
+                    d_in,
+                    "BF16",
+                    123.456 * (j + 1),
+                    1.0,
+                    cos,
+                )
+            )
+    sel = Selection.from_flags(*selection_flags)
+    d = select({m.name: m.cosine for m in mods}, sel)
+    for m in mods:
+        m.projected = m.name in d.projected
+        if not m.projected:
+            m.reason = "cosine above" if m.cosine is not None else "untrained LoRA: B A is zero"
+    return AdapterReport("llama-7b-lora", "llama-7b-lora", sel, d, mods)
+
+
+def test_224_modules_fit_80_columns_grouped_by_layer(capsys: pytest.CaptureFixture) -> None:
+    from safelora_cli.commands.inspect import _render_reports
+
+    _render_reports([_seven_b_report((None, None, 0.1))], "layer", None)
+    out = capsys.readouterr().out
+    _check_plain(out)
+    lines = out.splitlines()
+    rows = [ln for ln in lines if re.match(r"^\s+\d+  \S", ln)]
+    assert len(rows) == 224
+    assert lines.count("") == 31  # one blank line between each of the 32 layers
+    assert "    0  mlp.gate_proj     14336x4096" in out
+    assert "selection: --fraction 0.1 -> K = 23 of 223" in out
+    projected = [ln for ln in rows if ln.endswith("  yes")]
+    summary = next(ln for ln in lines if ln.startswith("projected "))
+    assert (
+        summary
+        == f"projected {len(projected)} of 224 modules (1 without a cosine, never projected)"
+    )
+    assert len(projected) >= 23
+
+
+def test_top_keeps_the_lowest_and_says_what_is_hidden(capsys: pytest.CaptureFixture) -> None:
+    from safelora_cli.commands.inspect import _render_reports
+
+    rep = _seven_b_report((10, None, None))
+    _render_reports([rep], "cosine", 10)
+    out = capsys.readouterr().out
+    _check_plain(out)
+    rows = [ln for ln in out.splitlines() if re.match(r"^\s+\d+  \S", ln)]
+    assert len(rows) == 10
+    cos = [float(ln.split()[6]) for ln in rows]
+    assert cos == sorted(cos)
+    lowest = sorted(round(m.cosine, 5) for m in rep.modules if m.cosine is not None)[:10]
+    assert cos == lowest
+    assert all(ln.endswith("  yes") for ln in rows)  # --num-layers 10: exactly these
+    assert "(214 more rows not shown: --top 10 lists the 10 lowest cosines)" in out
+
+
+def test_terminal_rendering_is_a_rich_table_within_80_columns(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import io
+
+    from rich.console import Console
+
+    from safelora_cli import render
+    from safelora_cli.commands import inspect as cmd
+
+    buf = io.StringIO()
+    console = Console(file=buf, force_terminal=True, width=80, color_system="standard")
+    monkeypatch.setattr(render, "is_plain", lambda stderr=False: False)
+    monkeypatch.setattr(render, "out_console", lambda: console)
+    rows = [["    0", "mlp.gate_proj", "14336x4096", "16", "2", "123.5", "0.12345", "yes"]]
+    cmd._emit_table(cmd.SCORE_COLS, [rows], [[None] * 6 + ["red", "bold green"]])
+    out = buf.getvalue()
+    assert ANSI.search(out)  # colour on a terminal
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", out)
+    assert "mlp.gate_proj" in plain and "14336x4096" in plain and "…" not in plain
+    assert max(len(ln.rstrip()) for ln in plain.splitlines()) <= 80

@@ -87,9 +87,18 @@ def _emit_table(
     from rich import box
     from rich.table import Table
 
-    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold")
-    for c in cols:
-        table.add_column(c.header, justify="right" if c.right else "left", no_wrap=c.right)
+    # One padding space plus the box's blank divider: two spaces between columns, as in plain
+    # output, so a table that fits 80 columns in a pipe fits an 80-column terminal too.
+    table = Table(
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        padding=(0, 1, 0, 0),
+        header_style="bold",
+    )
+    for i, c in enumerate(cols):
+        last = i == len(cols) - 1
+        table.add_column(c.header, justify="right" if c.right else "left", no_wrap=not last)
     row_no = 0
     for group in groups:
         for i, row in enumerate(group):
@@ -184,23 +193,23 @@ def _score_row(m: Any) -> list[str]:
 
 
 def _selection_lines(report: Any, defined: int) -> list[str]:
-    """How the selection chose: the flag, the threshold it implies, and ties."""
+    """How the selection chose: the flag, the threshold it implies, and ties (<= 80 columns)."""
     sel = report.selection
     d = report.decision
     mode, value = sel.mode, sel.value
     t = "-" if d.threshold is None else f"{d.threshold:.5f}"
     if mode == "threshold":
-        return [f"selection: --threshold {value:g}: project cos <= t = {t}"]
+        return [f"selection: --threshold {value:g}", f"threshold t = {t}: project cos <= t"]
     k = int(d.k) if d.k is not None else int(value)
-    flag = f"--num-layers {int(value)}" if mode == "num_layers" else f"--fraction {value:g}"
+    first = f"selection: --num-layers {int(value)}"
     if mode == "fraction":
-        flag += f" of {defined} -> K = {k}"
+        first = f"selection: --fraction {value:g} -> K = {k} of {defined}"
     if d.threshold is None:
-        return [f"selection: {flag}: no module has a cosine, nothing projected"]
+        return [first, "threshold: none (no module has a cosine); nothing projected"]
     if k >= defined:
-        return [f"selection: {flag} >= {defined} modules with a cosine: all projected (t = {t})"]
+        return [first, f"threshold t = {t} (highest cosine): every defined cosine is projected"]
     kth = "lowest" if k == 1 else f"{_ordinal(k)} lowest"
-    lines = [f"selection: {flag} -> t = {t} ({kth} cosine); project cos <= t"]
+    lines = [first, f"threshold t = {t} ({kth} cosine): project cos <= t"]
     if d.ties:
         more = "1 more module" if d.ties == 1 else f"{d.ties} more modules"
         lines.append(f"ties: {more} projected, tied with the {kth} at {t}")
