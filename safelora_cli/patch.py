@@ -238,9 +238,10 @@ def _projector_source(
             weight_for = _mapper(cache.weights(), "projection cache", strict=False)
             requests = sorted({(weight_for(m), bool(m.fan_in_fan_out)) for m in modules})
             cache.require(requests, adapters=list(args))
+            recorded = cache.sources
             sources = {
                 "cache": str(Path(projections).resolve()),
-                **{k: _provenance(v) for k, v in sorted(cache.sources.items())},
+                **{k: _provenance(recorded[k]) for k in ("base", "aligned") if k in recorded},
             }
             yield cache, weight_for, sources
         finally:

@@ -52,6 +52,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from safelora_cli.errors import AdapterError
@@ -339,7 +340,7 @@ def _report(
         )
     report = AdapterReport(
         adapter=str(getattr(adapter.source, "arg", adapter.path)),
-        path=str(adapter.path),
+        path=str(Path(adapter.path).resolve()),
         selection=selection,
         decision=decision,
         modules=scores,

@@ -98,6 +98,10 @@ def _summary(reports: list) -> None:
     from safelora_cli.render import err_console
 
     con = err_console()
+
+    def say(line: str) -> None:
+        con.print(line, soft_wrap=True)  # long paths stay on one line
+
     for rep in reports:
         sel = rep.selection.to_json()
         flag = {"num_layers": "--num-layers", "threshold": "--threshold"}.get(
@@ -106,23 +110,24 @@ def _summary(reports: list) -> None:
         head = "would project" if rep.dry_run else "projected"
         rule = f"{flag} {sel['value']}"
         if sel["mode"] != "threshold" and rep.threshold is not None:
-            rule += f": cosine <= {rep.threshold:.5f}"
+            rule += f" -> cosine <= {rep.threshold:.5f}"
         if rep.ties:
-            rule += f", {rep.ties} tied at the boundary"
-        con.print(
+            rule += f" ({rep.ties} more tied at the boundary)"
+        say(
             f"[bold]{escape(rep.adapter)}[/bold]: {head} {rep.projected} of {rep.total} "
-            f"modules ({rule}); Pdst {_fmt(rep.pdst, '.4f')}"
+            f"modules; Pdst {_fmt(rep.pdst, '.4f')}"
         )
+        say(f"  selection: {rule}")
         low = rep.lowest(3)
         if low:
-            con.print("  lowest cosines:")
+            say("  lowest cosines:")
             for m in low:
                 mark = "  projected" if m.projected else ""
-                con.print(f"    {m.rounded:.5f}  {escape(m.name)}{mark}")
+                say(f"    {m.rounded:.5f}  {escape(m.name)}{mark}")
         undefined = [m for m in rep.modules if m.cosine is None]
         if undefined:
-            con.print(f"  no cosine (never projected): {len(undefined)}; see the report")
+            say(f"  no cosine (never projected): {len(undefined)}; see the report")
         if rep.skipped:
-            con.print(f"  carried over unchanged: {len(rep.skipped)} (embedding/DoRA/...)")
+            say(f"  carried over unchanged: {len(rep.skipped)} (embedding/DoRA/...)")
         where = "would be written to" if rep.dry_run else "written to"
-        con.print(f"  {where} {escape(str(rep.output))}")
+        say(f"  {where} {escape(str(rep.output))}")
