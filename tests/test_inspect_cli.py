@@ -295,7 +295,7 @@ def test_json_schema_matches_patch_dry_run(case, tmp_path: Path) -> None:
 
 def _seven_b_report(selection_flags: tuple[int | None, float | None, float | None]):
     """A Llama-7B-shaped report: 32 layers x 7 modules = 224 rows, made-up cosines."""
-    from safelora_cli.scoring import AdapterReport, ModuleScore
+    from safelora_cli.scoring import REASON_ORTHOGONAL, AdapterReport, ModuleScore
     from safelora_cli.selection import Selection, select
 
     shapes = {
@@ -317,12 +317,12 @@ def _seven_b_report(selection_flags: tuple[int | None, float | None, float | Non
                     name,
                     f"{name}.weight",
                     layer,
-                    16,
-                    2.0,
+                    1024,
+                    1 / math.sqrt(2),
                     d_out,
                     d_in,
                     "BF16",
-                    123.456 * (j + 1),
+                    12345.6 / 10**j,
                     1.0,
                     cos,
                 )
@@ -332,7 +332,7 @@ def _seven_b_report(selection_flags: tuple[int | None, float | None, float | Non
     for m in mods:
         m.projected = m.name in d.projected
         if not m.projected:
-            m.reason = "cosine above" if m.cosine is not None else "untrained LoRA: B A is zero"
+            m.reason = "cosine above" if m.cosine is not None else REASON_ORTHOGONAL
     return AdapterReport("llama-7b-lora", "llama-7b-lora", sel, d, mods)
 
 

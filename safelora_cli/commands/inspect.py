@@ -127,6 +127,15 @@ def _num(x: float | None, fmt: str = ".4g") -> str:
     return format(float(x), fmt)
 
 
+def _norm(x: float | None) -> str:
+    """A norm in at most 8 characters (the column stays narrow enough for 80 columns)."""
+    if x is None or not math.isfinite(x):
+        return "-"
+    if x != 0 and (abs(x) >= 1e4 or abs(x) < 1e-3):
+        return f"{x:.1e}"
+    return f"{x:.4g}"
+
+
 def _cos(c: float | None) -> str:
     from safelora_cli.selection import round_cosine
 
@@ -185,8 +194,8 @@ def _score_row(m: Any) -> list[str]:
         short,
         shape,
         "-" if m.rank is None else str(m.rank),
-        _num(m.scale),
-        _num(m.norm_dw),
+        _num(m.scale, ".3g"),
+        _norm(m.norm_dw),
         _cos(m.cosine),
         short_reason(m),
     ]
@@ -207,7 +216,7 @@ def _selection_lines(report: Any, defined: int) -> list[str]:
     if d.threshold is None:
         return [first, "threshold: none (no module has a cosine); nothing projected"]
     if k >= defined:
-        return [first, f"threshold t = {t} (highest cosine): every defined cosine is projected"]
+        return [first, f"threshold t = {t} (highest cosine): all {defined} with a cosine projected"]
     kth = "lowest" if k == 1 else f"{_ordinal(k)} lowest"
     lines = [first, f"threshold t = {t} ({kth} cosine): project cos <= t"]
     if d.ties:
