@@ -21,6 +21,8 @@ on ``PATH``.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -28,6 +30,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -299,6 +302,14 @@ def test_convention_parser_reads_what_it_should() -> None:
     assert safelora_invocations("      - run: safelora inspect a --fail-below 0.2") == [
         ["inspect", "a", "--fail-below", "0.2"]
     ]
+    simple = simple_command("X=1 safelora inspect a -p c --json > out.jsonl  # exit 3")
+    assert simple == Simple(
+        {"X": "1"}, ["safelora", "inspect", "a", "-p", "c", "--json"], "out.jsonl"
+    )
+    py = simple_command("""python -c "import json; print(json.dumps({'a': 1}))" """)
+    assert py is not None and py.argv[2] == "import json; print(json.dumps({'a': 1}))"
+    assert simple_command("for a in x/*; do safelora patch $a; done") is None
+    assert simple_command("safelora inspect a | head") is None
 
 
 # ----------------------------------------------------------------------------- running
@@ -325,20 +336,69 @@ def _shim_dir(where: Path) -> Path:
     return bin_dir
 
 
-def _plain_safelora(cmd: str) -> list[str] | None:
-    """The argument list when ``cmd`` is a bare ``safelora ...`` call; None for shell syntax."""
+@dataclass(frozen=True)
+class Simple:
+    """A command the test can run in process: env assignments, argv, optional ``> file``."""
+
+    env: dict[str, str]
+    argv: list[str]
+    redirect: str | None
+
+
+def simple_command(cmd: str) -> Simple | None:
+    """``[VAR=value ...] safelora|python -c ... [> file]``, or None for anything shell-like."""
+    if "$" in cmd or "`" in cmd:
+        return None
     lex = shlex.shlex(cmd, posix=True, punctuation_chars=True)
     lex.whitespace_split = True
     lex.commenters = "#"
-    tokens = list(lex)
-    if not tokens or tokens[0] != "safelora":
+    try:
+        tokens = list(lex)
+    except ValueError:
         return None
-    if any(t in SHELL_OPS or set(t) <= set("|&;<>()") for t in tokens) or "$" in cmd:
+    redirect = None
+    if len(tokens) >= 2 and tokens[-2] == ">":
+        redirect, tokens = tokens[-1], tokens[:-2]
+    env: dict[str, str] = {}
+    while tokens and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", tokens[0]):
+        key, _, value = tokens.pop(0).partition("=")
+        env[key] = value
+    if not tokens or any(t in SHELL_OPS or set(t) <= set("|&;<>()") for t in tokens):
         return None
-    return tokens[1:]
+    if tokens[0] == "safelora" or (
+        tokens[0] == "python" and len(tokens) == 3 and tokens[1] == "-c"
+    ):
+        return Simple(env, tokens, redirect)
+    return None
 
 
-def _check_output(where: str, cmd: str, rc: int, want: int, out: str, err: str) -> list[str]:
+def _run_python(code: str, env: dict[str, str]) -> tuple[int, str, str]:
+    """Run ``code`` as ``__main__`` in this process; (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    rc = 0
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                exec(compile(code, "<docs example>", "exec"), {"__name__": "__main__"})
+            except SystemExit as e:
+                rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            except Exception:
+                traceback.print_exc()
+                rc = 1
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return rc, out.getvalue(), err.getvalue()
+
+
+def _check_output(
+    where: str, cmd: str, rc: int, want: int, out: str, err: str, *, json_lines: bool = False
+) -> list[str]:
     problems: list[str] = []
     tail = "\n".join(err.strip().splitlines()[-6:])
     if rc != want:
@@ -348,7 +408,7 @@ def _check_output(where: str, cmd: str, rc: int, want: int, out: str, err: str) 
         problems.append(f"{where}: `{cmd}` printed a traceback\n{tail}")
     if rc not in (0, 3) and "error:" not in err.lower():
         problems.append(f"{where}: `{cmd}` failed without an `error:` line\n{tail}")
-    if "--json" in cmd and ">" not in cmd and rc in (0, 3):
+    if json_lines and rc in (0, 3):
         for line in out.splitlines():
             if not line.strip():
                 continue
@@ -382,26 +442,12 @@ def test_page_examples_run(
         if not block.runnable:
             continue
         if block.lang == "python":
-            res = subprocess.run(
-                [sys.executable, "-c", block.text],
-                cwd=work,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=300,
-            )
-            problems += _check_output(
-                block.where, "python block", res.returncode, 0, res.stdout, res.stderr
-            )
+            rc, out, err = _run_python(block.text, {})
+            problems += _check_output(block.where, "python block", rc, 0, out, err)
             continue
         for cmd, want in console_commands(block.text):
-            args = _plain_safelora(cmd)
-            if args is not None:
-                result = runner.invoke(app, args)
-                rc, out, err = result.exit_code, result.stdout, result.stderr
-                if result.exception is not None and not isinstance(result.exception, SystemExit):
-                    err += f"\nTraceback: {type(result.exception).__name__}: {result.exception}"
-            else:
+            simple = simple_command(cmd)
+            if simple is None:
                 res = subprocess.run(
                     ["bash", "-c", cmd],
                     cwd=work,
@@ -411,5 +457,15 @@ def test_page_examples_run(
                     timeout=300,
                 )
                 rc, out, err = res.returncode, res.stdout, res.stderr
-            problems += _check_output(block.where, cmd, rc, want, out, err)
+            elif simple.argv[0] == "python":
+                rc, out, err = _run_python(simple.argv[2], simple.env)
+            else:
+                result = runner.invoke(app, simple.argv[1:], env=simple.env)
+                rc, out, err = result.exit_code, result.stdout, result.stderr
+                if result.exception is not None and not isinstance(result.exception, SystemExit):
+                    err += f"\nTraceback: {type(result.exception).__name__}: {result.exception}"
+            if simple is not None and simple.redirect is not None:
+                (work / simple.redirect).write_text(out)
+            json_lines = simple is not None and "--json" in simple.argv
+            problems += _check_output(block.where, cmd, rc, want, out, err, json_lines=json_lines)
     assert not problems, "\n\n".join(problems)
