@@ -34,12 +34,19 @@ import re
 import shutil
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from safelora_cli.errors import CheckpointError, SafeLoraError, UsageError
-from safelora_cli.projector import Projector, alignment_delta, build_projector, prefetched
+from safelora_cli.projector import (
+    Projector,
+    alignment_delta,
+    alignment_delta_serial,
+    build_projector,
+    prefetched,
+)
 from safelora_cli.targets import FLOAT_CODES, Target, names_for, resolve_targets
 
 if TYPE_CHECKING:
@@ -166,15 +173,19 @@ def check_pairs(base: CheckpointReader, aligned: CheckpointReader, weights: Sequ
                 )
 
 
-# (target, base weight, aligned weight, bytes read)
-_Pair = tuple[Target, "torch.Tensor", "torch.Tensor", int]
+# (target, float32 delta) on CPU; (target, pinned base weight, pinned aligned weight) on CUDA.
+_Item = tuple[Any, ...]
 
 
 class _PairStream:
-    """Loads weight pairs on a background thread and turns them into projectors.
+    """Reads weight pairs on a background thread and turns them into projectors.
 
-    ``load`` (prefetch thread): both tensors read once, on CUDA into pinned host memory.
-    ``compute`` (caller thread): non-blocking copy to the device, float32 delta, projector.
+    ``load`` (prefetch thread): both tensors read once. On CPU it also forms the float32 delta
+    (:func:`alignment_delta_serial`: on that thread only, no second OpenMP team fighting the
+    main thread's matmul), so the pair's memory is released before it is handed over. On CUDA
+    the pair goes into pinned host memory instead.
+    ``compute`` (caller thread): on CUDA a non-blocking copy to the device and the delta there;
+    then the projector.
     """
 
     def __init__(self, base: CheckpointReader, aligned: CheckpointReader, device: torch.device):
@@ -182,24 +193,26 @@ class _PairStream:
         self.aligned = aligned
         self.device = device
 
-    def load(self, t: Target) -> _Pair:
+    def load(self, t: Target) -> _Item:
         wb = self.base.load(t.weight)
         wa = self.aligned.load(t.weight)
+        if self.device.type == "cpu":
+            v = alignment_delta_serial(wb, wa, fan_in_fan_out=t.fan_in_fan_out)
+            return (t, v)
         if self.device.type == "cuda":
             wb, wa = wb.pin_memory(), wa.pin_memory()
-        nbytes = self.base.info(t.weight).nbytes + self.aligned.info(t.weight).nbytes
-        return t, wb, wa, nbytes
+        return (t, wb, wa)
 
-    def compute(
-        self, box: list[tuple[Target, torch.Tensor, torch.Tensor, int]], *, dtype: Any = None
-    ) -> Projector:
-        """The projector of the pair in ``box`` (emptied, so the pair's memory goes early)."""
-        t, wb, wa, _ = box.pop()
-        if self.device.type != "cpu":
-            wb = wb.to(self.device, non_blocking=True)
-            wa = wa.to(self.device, non_blocking=True)
-        v = alignment_delta(wb, wa, fan_in_fan_out=t.fan_in_fan_out)
-        del wb, wa
+    def compute(self, box: list[_Item], *, dtype: Any = None) -> Projector:
+        """The projector of the item in ``box`` (emptied, so its memory goes early)."""
+        t, *tensors = box.pop()
+        if len(tensors) == 1:
+            (v,) = tensors
+        else:
+            wb, wa = (x.to(self.device, non_blocking=True) for x in tensors)
+            del tensors
+            v = alignment_delta(wb, wa, fan_in_fan_out=t.fan_in_fan_out)
+            del wb, wa
         files = (self.base.info(t.weight).path, self.aligned.info(t.weight).path)
         return build_projector(
             t.weight, v, fan_in_fan_out=t.fan_in_fan_out, dtype=dtype, sources=files, consume=True
@@ -352,16 +365,30 @@ def _run(
         todo = [t for t in tlist if not cache.has(t.weight)]
         stream = _PairStream(rb, ra, dev)
         progress.start(len(todo), "computing projections")
+
+        def written(fut: Future[Any], t: Target) -> None:
+            nonlocal done
+            entry = fut.result()
+            if entry.degenerate:
+                degenerate.append(entry.weight)
+            done += 1
+            progress.advance(1, rb.info(t.weight).nbytes + ra.info(t.weight).nbytes)
+
         try:
-            projectors = contextlib.closing(stream.stream(todo, dtype=dtype))
-            with projectors as it:
+            # Entries are written on their own thread (file, fsync, rename, manifest) while the
+            # next projector is computed; at most one write is pending.
+            with (
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="safelora-writer") as wx,
+                contextlib.closing(stream.stream(todo, dtype=dtype)) as it,
+            ):
+                pending: tuple[Future[Any], Target] | None = None
                 for t, pr in zip(todo, it, strict=True):
-                    cache.put(pr)
-                    if pr.degenerate:
-                        degenerate.append(pr.weight)
+                    if pending is not None:
+                        written(*pending)
+                    pending = (wx.submit(cache.put, pr), t)
                     del pr
-                    done += 1
-                    progress.advance(1, rb.info(t.weight).nbytes + ra.info(t.weight).nbytes)
+                if pending is not None:
+                    written(*pending)
         finally:
             progress.finish()
         cache.finish()

@@ -94,6 +94,51 @@ def alignment_delta(
     return v
 
 
+# ATen runs an elementwise kernel on the calling thread when it has fewer elements than this
+# (at::internal::GRAIN_SIZE); chunks below it never start an OpenMP team.
+_SERIAL_CHUNK = 32767
+
+
+def alignment_delta_serial(
+    w_base: torch.Tensor, w_aligned: torch.Tensor, *, fan_in_fan_out: bool
+) -> torch.Tensor:
+    """:func:`alignment_delta` on the calling thread only, bit-identical to it (CPU tensors).
+
+    Works in chunks small enough that ATen never starts a parallel region, so a background
+    (prefetch) thread can form the next delta without a second OpenMP team competing with the
+    main thread's matmul for the cores. Same elementwise float32 operations, same result.
+    """
+    import torch
+
+    if w_base.dim() != 2 or w_aligned.dim() != 2:
+        raise ValueError(f"weights must be 2-D, got {tuple(w_base.shape)}")
+    if w_base.shape != w_aligned.shape:
+        raise ValueError(f"shapes differ: {tuple(w_base.shape)} vs {tuple(w_aligned.shape)}")
+    rows, cols = (int(s) for s in w_base.shape)
+    f32 = torch.float32
+    v = torch.empty((cols, rows) if fan_in_fan_out else (rows, cols), dtype=f32)
+    step = max(1, _SERIAL_CHUNK // max(cols, 1))
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        a, b = w_aligned[r0:r1], w_base[r0:r1]
+        out = v[:, r0:r1] if fan_in_fan_out else v[r0:r1]
+        if fan_in_fan_out:
+            a, b = a.t(), b.t()
+        if cols > _SERIAL_CHUNK:  # a single row is above the grain: split it too
+            for c0 in range(0, cols, _SERIAL_CHUNK):
+                c1 = min(cols, c0 + _SERIAL_CHUNK)
+                if fan_in_fan_out:
+                    o, x, y = out[c0:c1], a[c0:c1], b[c0:c1]
+                else:
+                    o, x, y = out[:, c0:c1], a[:, c0:c1], b[:, c0:c1]
+                o.copy_(x)
+                o.sub_(y)
+        else:
+            out.copy_(a)
+            out.sub_(b)
+    return v
+
+
 @dataclass
 class Projector:
     """One weight's projector ``C = V V^T / ||V||_F`` in its stored representation.

@@ -16,6 +16,7 @@ from safelora_cli.projector import (
     Projector,
     ProjectorSource,
     alignment_delta,
+    alignment_delta_serial,
     build_projector,
     prefetched,
     representation_for,
@@ -204,3 +205,24 @@ def test_prefetched_order_overlap_and_errors() -> None:
     with pytest.raises(ValueError, match="boom"):
         next(it)
     assert list(prefetched(fn, [])) == []
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    rows=st.integers(1, 40),
+    cols=st.sampled_from([1, 3, 17, 40, 33000]),
+    dtype=st.sampled_from(sorted(DTYPES)),
+    fifo=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_serial_delta_is_bit_identical(
+    rows: int, cols: int, dtype: str, fifo: bool, seed: int
+) -> None:
+    # Chunks straddle ATen's grain both by rows and (cols=33000) within one row.
+    g = torch.Generator().manual_seed(seed)
+    wb = torch.randn(rows, cols, generator=g).to(DTYPES[dtype])
+    wa = torch.randn(rows, cols, generator=g).to(DTYPES[dtype])
+    want = alignment_delta(wb, wa, fan_in_fan_out=fifo)
+    got = alignment_delta_serial(wb, wa, fan_in_fan_out=fifo)
+    assert got.shape == want.shape and got.dtype == torch.float32 and got.is_contiguous()
+    assert torch.equal(got, want)
