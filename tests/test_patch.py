@@ -127,24 +127,29 @@ MODES = [
 # ----------------------------------------------------------------------------- oracle
 
 
-@pytest.mark.parametrize(
-    ("arch", "targets"),
-    [("llama", ("q_proj", "v_proj")), ("llama", LLAMA_ALL), ("gpt2", GPT2_ALL)],
-    ids=["llama-gqa-qv", "llama-all-linear", "gpt2-conv1d"],
-)
-@pytest.mark.parametrize(("mode", "value"), MODES, ids=[f"{m}={v}" for m, v in MODES])
-def test_patch_matches_dense_oracle(
-    tmp_path: Path, arch: str, targets: tuple[str, ...], mode: str, value: float
-) -> None:
-    pair = factory.make_pair(tmp_path, arch=arch)
+LAYOUTS = {
+    "llama-gqa-qv": ("llama", ("q_proj", "v_proj")),
+    "llama-all-linear": ("llama", LLAMA_ALL),
+    "gpt2-conv1d": ("gpt2", GPT2_ALL),
+}
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def layout(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    """A pair, an adapter on it and a cache, built once per layout (read-only for the tests)."""
+    arch, targets = LAYOUTS[request.param]
+    tmp = tmp_path_factory.mktemp(request.param)
+    pair = factory.make_pair(tmp, arch=arch)
     fif = pair.fan_in_fan_out
-    ad = factory.write_adapter(
-        tmp_path / "adapter", base=pair.base, targets=targets, fan_in_fan_out=fif
-    )
-    cache = build_cache(tmp_path, pair)
+    ad = factory.write_adapter(tmp / "adapter", base=pair.base, targets=targets, fan_in_fan_out=fif)
+    return ad, build_cache(tmp, pair), oracle(pair, ad, fif)
+
+
+@pytest.mark.parametrize(("mode", "value"), MODES, ids=[f"{m}={v}" for m, v in MODES])
+def test_patch_matches_dense_oracle(tmp_path: Path, layout: tuple, mode: str, value: float) -> None:
+    ad, cache, want = layout
     out = tmp_path / "out"
     [rep] = run_patch(ad, out, projections=cache, selection=Selection(mode, value))
-    want = oracle(pair, ad, fif)
     chosen = oracle_select({m: w["cos"] for m, w in want.items()}, mode, value)
     assert {m.name for m in rep.modules if m.projected} == chosen
     assert rep.total == len(want) and rep.projected == len(chosen)
@@ -611,6 +616,19 @@ def test_adapter_of_another_model_is_refused(tmp_path: Path) -> None:
     with pytest.raises(SafeLoraError, match="q_proj"):
         run_patch(ad, tmp_path / "out", projections=cache)
     assert not (tmp_path / "out").exists()
+
+
+def test_batch_names_hub_adapters_by_repository(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    hub = SimpleNamespace(
+        path=tmp_path / "snapshots" / ("a" * 40),
+        source=SimpleNamespace(kind="hub", repo_id="org/my-lora"),
+    )
+    local = SimpleNamespace(path=tmp_path / "adapters" / "other", source=None)
+    plan = patch_mod.plan_outputs([hub, local], tmp_path / "out", force=False)
+    assert [t.name for t in plan.targets] == ["my-lora", "other"]
+    assert plan.batch and plan.root == (tmp_path / "out").resolve()
 
 
 def test_copy_helper_follows_symlinks(tmp_path: Path) -> None:

@@ -81,6 +81,7 @@ def test_dry_run(case: dict, tmp_path: Path) -> None:
 def test_streaming_from_base_and_aligned(case: dict, tmp_path: Path) -> None:
     pair = case["pair"]
     out = tmp_path / "out"
+    before = sorted(p.name for p in tmp_path.iterdir())
     r = invoke(
         case["ad"],
         "--base",
@@ -96,6 +97,7 @@ def test_streaming_from_base_and_aligned(case: dict, tmp_path: Path) -> None:
         "--json",
     )
     assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*before, "out"])  # no cache
     js = json.loads(r.stdout)
     assert js["projected"] == 1
     assert js["sources"]["base"]["path"] == str(pair.base_dir.resolve())
