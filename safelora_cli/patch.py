@@ -100,7 +100,14 @@ def patch_adapters(
     """
     selection = selection or Selection.from_flags(None, None, None)
     _check_flags(
-        adapters, projections, base, aligned, revision_base, revision_aligned, save_projections
+        adapters,
+        projections,
+        base,
+        aligned,
+        revision_base,
+        revision_aligned,
+        save_projections,
+        dry_run,
     )
     loaded = _load_all(adapters)
     try:
@@ -119,12 +126,13 @@ def patch_adapters(
             scored = score_adapters(
                 loaded, source, selection, weight_for=weight_for, progress=progress
             )
-        for s, target in zip(scored, plan.targets, strict=True):
-            s.report.output = str(target)
-            s.report.sources = sources
-            s.report.dry_run = dry_run
-        if not dry_run:
-            write_outputs(scored, plan)
+            for s, target in zip(scored, plan.targets, strict=True):
+                s.report.output = str(target)
+                s.report.sources = sources
+                s.report.dry_run = dry_run
+            if not dry_run:
+                # Inside the source's context: a failed write also undoes --save-projections.
+                write_outputs(scored, plan)
         return [s.report for s in scored]
     finally:
         for ad in loaded:
@@ -139,6 +147,7 @@ def _check_flags(
     revision_base: str | None,
     revision_aligned: str | None,
     save_projections: Path | None,
+    dry_run: bool = False,
 ) -> None:
     if not adapters:
         raise UsageError("no adapter given.", hint="Pass one or more adapter directories.")
@@ -163,6 +172,11 @@ def _check_flags(
         raise UsageError(
             "--revision-base/--revision-aligned apply to --base/--aligned, not to -p.",
             hint="The cache records the revisions it was built from; drop the flag.",
+        )
+    if save_projections is not None and dry_run:
+        raise UsageError(
+            "--save-projections writes a cache; --dry-run writes nothing.",
+            hint="Drop one of the two (compute-projections builds a cache on its own).",
         )
     if save_projections is not None and not streaming:
         raise UsageError(
@@ -280,6 +294,11 @@ def _projector_source(
             source = _Saving(source, save_projections, base_spec, aligned_spec)
         try:
             yield source, weight_for, sources
+        except BaseException:
+            if isinstance(source, _Saving):
+                source.abort()
+            raise
+        else:
             if isinstance(source, _Saving):
                 source.finish()
         finally:
@@ -315,6 +334,14 @@ class _Saving:
 
     def finish(self) -> None:
         self.cache.finish()
+
+    def abort(self) -> None:
+        """The run failed: a cache this run created goes; an existing one keeps valid entries."""
+        if self.cache.created:
+            self.cache.close()
+            shutil.rmtree(self.cache.path, ignore_errors=True)
+        else:
+            self.cache.finish()
 
     def close(self) -> None:
         self.cache.close()

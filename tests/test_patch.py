@@ -644,3 +644,17 @@ def test_copy_helper_follows_symlinks(tmp_path: Path) -> None:
     assert not cfg.is_symlink() and cfg.read_bytes() == (real / "adapter_config.json").read_bytes()
     shutil.rmtree(real)  # the output does not depend on the input
     assert load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+
+
+def test_failed_run_removes_the_cache_it_was_saving(
+    setup: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pair, ad, _ = setup
+    monkeypatch.setattr(patch_mod, "_write_safetensors", _boom)
+    kw = {"base": str(pair.base_dir), "aligned": str(pair.aligned_dir), "device": "cpu"}
+    with pytest.raises(OSError):
+        run_patch(ad, tmp_path / "out", save_projections=tmp_path / "saved", **kw)
+    assert not (tmp_path / "saved").exists() and not (tmp_path / "out").exists()
+    with pytest.raises(UsageError, match="dry-run"):
+        run_patch(ad, tmp_path / "out", save_projections=tmp_path / "s2", dry_run=True, **kw)
+    assert not (tmp_path / "s2").exists()
