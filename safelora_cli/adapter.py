@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -266,7 +267,12 @@ def read_config(directory: Path) -> dict:
             hint="pass a PEFT adapter directory (as written by save_pretrained)",
             path=directory,
         )
+    from safelora_cli.reader import MAX_JSON_BYTES
+
     try:
+        size = p.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise _config_error(p, f"is {size} bytes, too large for a config", "restore the file")
         cfg = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise _config_error(p, f"cannot be read as JSON ({e})", "restore the file") from None
@@ -350,12 +356,16 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
     import torch
 
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols on stderr; the outcome is reported below.
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise AdapterError(
-            f"adapter: {path} cannot be loaded with torch.load(weights_only=True) ({first})",
-            hint="only plain tensor state dicts are read; save the adapter as safetensors",
+            f"adapter: {path} cannot be loaded with torch.load(weights_only=True) "
+            f"({_why_unpickling_failed(e)})",
+            hint="only plain tensor state dicts are read (nothing else is unpickled); "
+            "save the adapter as safetensors",
             path=path,
         ) from None
     if not isinstance(obj, dict) or not all(
@@ -367,6 +377,17 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
             path=path,
         )
     return {k: v.contiguous() for k, v in obj.items()}
+
+
+def _why_unpickling_failed(e: BaseException) -> str:
+    """A short reason from torch's (long, multi-paragraph) weights_only error."""
+    text = " ".join(str(e).split())
+    marker = "Unsupported global:"
+    if marker in text:
+        return "it holds a non-tensor object: " + text.split(marker, 1)[1].split(".", 1)[0][:80]
+    if "Weights only load failed" in text:
+        return "it holds objects other than tensors"
+    return (text[:120] + "...") if len(text) > 120 else (text or type(e).__name__)
 
 
 @dataclass
@@ -639,8 +660,9 @@ def base_fan_in_fan_out(
     base config's ``model_type`` stands in: in the GPT-2 family (:data:`CONV1D_MODEL_TYPES`)
     the layers in :data:`CONV1D_LEAVES` are Conv1D and every other layer is Linear; for other
     known model types every LoRA target is Linear. With ``model_type=None`` the adapter config
-    decides, unless only the other orientation fits ``base_shape``. The result is checked against ``base_shape`` (AdapterError when it fits neither
-    orientation, naming the module and both shapes).
+    decides, unless only the other orientation fits ``base_shape``. The result is checked
+    against ``base_shape`` (AdapterError when it fits neither orientation, naming the module
+    and both shapes).
     """
     leaf = m.name.rsplit(".", 1)[-1]
     if model_type is None:

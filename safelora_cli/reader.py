@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 
 # Same bound as the safetensors library: a header larger than this is refused unread.
 MAX_HEADER_BYTES = 100_000_000
+# Index / config JSON files are read whole; real ones are kilobytes (Llama-2-70B's index: 66 kB).
+MAX_JSON_BYTES = 64_000_000
 MAX_OPEN_FILES = 4
 MAX_NDIM = 64
 # Linux returns at most 0x7ffff000 bytes per read call; stay well below.
@@ -159,11 +161,19 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+class _DuplicateKey(ValueError):
+    """A JSON object names one key twice."""
+
+    def __init__(self, key: str):
+        super().__init__(f"duplicate key {key!r}")
+        self.key = key
+
+
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in pairs:
         if k in out:
-            raise ValueError(f"duplicate key {k!r}")
+            raise _DuplicateKey(k)
         out[k] = v
     return out
 
@@ -287,18 +297,33 @@ def read_header(path: str | Path, *, label: str = "checkpoint") -> FileHeader:
 
 def read_index(path: Path, label: str) -> dict[str, str]:
     """The ``weight_map`` (tensor name -> shard file) of a safetensors index, validated."""
+    hint = 'the index must be a JSON object with a "weight_map" of tensor name -> shard file'
     try:
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise CheckpointError(
+                f"{label}: {path}: index is {size} bytes, more than {MAX_JSON_BYTES}",
+                hint=hint,
+                path=path,
+            )
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise CheckpointError(
             f"{label}: cannot read {path}: {e}", hint="check the file", path=path
         ) from e
-    hint = 'the index must be a JSON object with a "weight_map" of tensor name -> shard file'
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=_no_duplicates)
     except RecursionError:
         raise CheckpointError(
             f"{label}: {path}: index JSON is nested too deeply", hint=hint, path=path
+        ) from None
+    except _DuplicateKey as e:
+        # JSON keeps the last of two equal keys: a tensor listed twice could silently be read
+        # from either shard, so refuse rather than guess.
+        raise CheckpointError(
+            f"{label}: {path}: index lists {e.key!r} more than once",
+            hint="each tensor must be listed once in weight_map; fix or re-download the index",
+            path=path,
         ) from None
     except ValueError as e:
         raise CheckpointError(

@@ -217,7 +217,16 @@ def _stat_files(files: Iterable[Path], root: Path) -> dict[str, dict]:
 def _read_config(path: Path, *, label: str) -> dict | None:
     if not path.is_file():
         return None
+    from safelora_cli.reader import MAX_JSON_BYTES
+
     try:
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise CheckpointError(
+                f"{label}: {path} is {size} bytes, too large for a config.json",
+                hint="fix or remove the malformed config.json",
+                path=path,
+            )
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise CheckpointError(
