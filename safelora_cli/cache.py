@@ -168,8 +168,15 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def _write_atomic(path: Path, chunks: Iterable[bytes | memoryview]) -> int:
-    """Write ``chunks`` to a temporary sibling, fsync, rename over ``path``. Returns bytes."""
+def _write_atomic(
+    path: Path, chunks: Iterable[bytes | memoryview], *, sync_dir: bool = True
+) -> int:
+    """Write ``chunks`` to a temporary sibling, fsync, rename over ``path``. Returns bytes.
+
+    ``sync_dir=False`` leaves the directory fsync to a later write in the same directory (an
+    entry file's rename is made durable by the manifest write that follows it; a resumed run
+    also drops entries whose file did not survive).
+    """
     tmp = path.with_name(f"{_TMP_PREFIX}{path.name}")
     n = 0
     try:
@@ -184,7 +191,8 @@ def _write_atomic(path: Path, chunks: Iterable[bytes | memoryview]) -> int:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    _fsync_dir(path.parent)
+    if sync_dir:
+        _fsync_dir(path.parent)
     return n
 
 
@@ -632,7 +640,7 @@ class ProjectionCache:
         if self._manifest["state"] != IN_PROGRESS:
             self._manifest["state"] = IN_PROGRESS
             self._write_manifest()
-        _write_atomic(self.path / file, _safetensors_chunks(pr.weight, t, meta))
+        _write_atomic(self.path / file, _safetensors_chunks(pr.weight, t, meta), sync_dir=False)
         e = CacheEntry(
             pr.weight,
             file,

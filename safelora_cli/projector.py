@@ -133,6 +133,8 @@ def alignment_delta_serial(
                     o, x, y = out[:, c0:c1], a[:, c0:c1], b[:, c0:c1]
                 o.copy_(x)
                 o.sub_(y)
+        elif a.dtype == f32 and b.dtype == f32:
+            torch.sub(a, b, out=out)
         else:
             out.copy_(a)
             out.sub_(b)

@@ -25,7 +25,9 @@ def command(
     targets: Annotated[
         str | None,
         typer.Option(
-            "--targets", help="Module-name suffixes (q_proj,v_proj) or a regex over 2-D weights."
+            "--targets",
+            help="Module-name suffixes (q_proj,v_proj), or a regex searched in module paths "
+            "(re:PATTERN, or any pattern with regex metacharacters); 2-D weights only.",
         ),
     ] = None,
     device: Device = "auto",
