@@ -279,6 +279,19 @@ def test_python_names_in_docs_exist(page: Path) -> None:
     assert not missing, f"{_rel(page)} names {missing}, which do not exist"
 
 
+def test_make_targets_in_docs_exist() -> None:
+    """Every ``make TARGET`` a page shows is a target of the Makefile."""
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    targets = set(re.findall(r"^([A-Za-z][\w-]*):", makefile, flags=re.M))
+    shown = set()
+    for page in _pages():
+        for block in blocks(page):
+            shown.update(re.findall(r"\bmake ([a-z][\w-]*)", block.text))
+        shown.update(re.findall(r"`make ([a-z][\w-]*)", page.read_text(encoding="utf-8")))
+    assert {"demo", "test"} <= shown
+    assert not shown - targets, f"docs show make targets the Makefile lacks: {shown - targets}"
+
+
 def test_compute_projections_page_lists_every_flag() -> None:
     text = (DOCS / "compute-projections.md").read_text(encoding="utf-8")
     long_flags = {o for o in OPTIONS["compute-projections"] if o.startswith("--")}
