@@ -336,24 +336,33 @@ def compute_projections(
     try:
         for a in adapters:
             loaded.append(load_adapter(a))
-        all_names: list[str] = []
+        # Every tensor name of the base checkpoint, as the Hub index lists them (a Hub reader
+        # only lists the shards that were fetched); stays empty for local checkpoints.
+        base_names: list[str] = []
 
-        def want(names: list[str]) -> list[str]:
-            all_names[:] = names
+        def want_base(names: list[str]) -> list[str]:
+            base_names[:] = names
             return names_for(names, adapters=loaded, targets=targets)
 
-        rb, sb = open_model(base, revision=revision_base, label="base model", want=want)
+        def want_aligned(names: list[str]) -> list[str]:
+            # The base decides the weight names; the aligned side fetches the same ones (a
+            # name it lacks is reported by check_pairs, naming the file).
+            wanted = names_for(base_names or rb.names(), adapters=loaded, targets=targets)
+            have = set(names)
+            return [n for n in wanted if n in have]
+
+        rb, sb = open_model(base, revision=revision_base, label="base model", want=want_base)
         with contextlib.ExitStack() as stack:
             stack.callback(rb.close)
             ra, sa = open_model(
-                aligned, revision=revision_aligned, label="aligned model", want=want
+                aligned, revision=revision_aligned, label="aligned model", want=want_aligned
             )
             stack.callback(ra.close)
             tlist = resolve_targets(
                 rb,
                 adapters=loaded,
                 targets=targets,
-                names=all_names or None,
+                names=base_names or None,
                 config=sb.config,
             )
             present = _peek_present(cache_dir)
