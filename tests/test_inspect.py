@@ -364,3 +364,19 @@ def test_summarize_adapter_rslora_scale(tmp_path: Path) -> None:
     for m in s.modules:
         assert m.scale == pytest.approx(truth[m.name]["alpha"] / math.sqrt(truth[m.name]["r"]))
         assert (m.d_out, m.d_in) == (truth[m.name]["d_out"], truth[m.name]["d_in"])
+
+
+@pytest.mark.parametrize("shape", [(5, 9), (9, 5)])
+def test_stable_rank_does_not_depend_on_the_recorded_norm(shape: tuple[int, int]) -> None:
+    """A float32 ||V||_F summed over millions of entries can be off in the 4th digit; the stable
+    rank uses tr(C) (or ||F||_F^2) from the stored tensor instead, where ||V||_F cancels."""
+    from safelora_cli.projector import build_projector
+
+    v = torch.randn(*shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    p = build_projector("w", v, fan_in_fan_out=False, dtype=torch.float64)
+    exact = oracle_stable_rank(v)
+    for wrong in (p.norm_v * (1 + 1e-3), p.norm_v * (1 - 1e-3)):
+        sig_sq, sr = stable_rank(p.kind, p.tensor, wrong)
+        assert sr == pytest.approx(exact, rel=1e-6)  # float32 V inside build_projector
+        # sigma_max^2 = lambda_max(C) ||V||_F is reported with the norm it was given.
+        assert sig_sq == pytest.approx(float(torch.linalg.svdvals(v)[0] ** 2) * wrong / p.norm_v)
