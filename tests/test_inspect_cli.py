@@ -395,3 +395,116 @@ def test_terminal_rendering_is_a_rich_table_within_80_columns(
     plain = re.sub(r"\x1b\[[0-9;]*m", "", out)
     assert "mlp.gate_proj" in plain and "14336x4096" in plain and "…" not in plain
     assert max(len(ln.rstrip()) for ln in plain.splitlines()) <= 80
+
+
+# ----------------------------------------------------------------------------- Conv1D, states
+
+
+def test_gpt2_conv1d_cache_and_scores_against_oracle(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GPT-2 stores W^T: V is transposed before anything; c_attn (96 x 32) is a factor entry."""
+    from safetensors.torch import load_file
+
+    pair = factory.make_pair(tmp_path, arch="gpt2")
+    ad = factory.write_adapter(
+        tmp_path / "ad", base=pair.base, targets=("c_attn", "c_proj"), fan_in_fan_out=True
+    )
+    monkeypatch.chdir(tmp_path)
+    r = runner.invoke(
+        app, ["compute-projections", "base", "aligned", "-o", "cache", "--adapter", "ad", "-q"]
+    )
+    assert r.exit_code == 0, r.stderr
+    c = invoke(["-p", "cache", "--json"])
+    assert c.exit_code == 0, c.stderr
+    weights = {w["weight"]: w for w in json.loads(c.stdout)["weights"]}
+    assert set(weights) == {f"{m}.weight" for m in factory.adapter_modules(ad)}
+    for name, w in weights.items():
+        v = (pair.aligned[name].double() - pair.base[name].double()).T  # linear orientation
+        assert w["shape"] == list(v.shape) and w["fan_in_fan_out"] is True
+        assert w["kind"] == ("factor" if v.shape[0] > v.shape[1] else "gram")
+        s = torch.linalg.svdvals(v)
+        assert w["stable_rank"] == pytest.approx(float((v**2).sum() / s[0] ** 2), rel=1e-5)
+    assert weights["transformer.h.0.attn.c_attn.weight"]["kind"] == "factor"
+
+    j = invoke(["ad", "-p", "cache", "--json", "-t", "1"])
+    assert j.exit_code == 0, j.stderr
+    tensors = load_file("ad/adapter_model.safetensors")
+    for m in json.loads(j.stdout)["modules"]:
+        w = m["name"] + ".weight"
+        v = (pair.aligned[w].double() - pair.base[w].double()).T
+        cmat = v @ v.T / torch.linalg.norm(v)
+        dw = (
+            tensors[f"base_model.model.{m['name']}.lora_B.weight"].double()
+            @ tensors[f"base_model.model.{m['name']}.lora_A.weight"].double()
+        )
+        cdw = cmat @ dw
+        cos = float((cdw * dw).sum() / (torch.linalg.norm(cdw) * torch.linalg.norm(dw)))
+        assert m["cosine"] == pytest.approx(cos, rel=1e-5)
+        assert (m["d_out"], m["d_in"]) == tuple(v.shape)
+
+
+def test_incomplete_cache_is_shown_as_such(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from safelora_cli.cache import ProjectionCache
+    from safelora_cli.projector import alignment_delta, build_projector
+    from safelora_cli.sources import open_model
+
+    case = golden_case(tmp_path)
+    rb, sb = open_model(str(case.base_dir), label="base model")
+    ra, sa = open_model(str(case.aligned_dir), label="aligned model")
+    cache = ProjectionCache.create_or_resume(tmp_path / "partial", sb, sa)
+    w = GOLDEN_WEIGHTS[0]
+    cache.put(
+        build_projector(
+            w, alignment_delta(rb.load(w), ra.load(w), fan_in_fan_out=False), fan_in_fan_out=False
+        )
+    )
+    cache.close()  # no finish(): an interrupted compute-projections run
+    rb.close()
+    ra.close()
+    monkeypatch.chdir(tmp_path)
+    r = invoke(["-p", "partial"])
+    assert r.exit_code == 0, r.stderr
+    assert "incomplete (resume: rerun compute-projections)" in r.stdout
+    assert "1 weights" in r.stdout
+    # Scoring against it is refused (patch would refuse it too).
+    s = invoke(["adapter", "-p", "partial"])
+    assert s.exit_code == 1 and "incomplete" in s.stderr
+
+
+def test_missing_adapter_exit_1(case) -> None:
+    r = invoke(["no-such-adapter", "-p", "cache"])
+    assert r.exit_code == 1
+    assert "no-such-adapter" in r.stderr and "Traceback" not in r.stderr
+    r = invoke(["no-such-adapter"])
+    assert r.exit_code == 1 and "no-such-adapter" in r.stderr
+
+
+def test_several_adapters_one_table_each(case, tmp_path: Path) -> None:
+    import shutil
+
+    shutil.copytree(tmp_path / "adapter", tmp_path / "adapter2")
+    r = invoke(["adapter", "adapter2", "-p", "cache", "-k", "2"])
+    assert r.exit_code == 0, r.stderr
+    first, second = r.stdout.split("\n\nadapter: ")
+    assert first + "\n" == golden("score_layer_k2.txt")
+    assert "adapter: " + second == golden("score_layer_k2.txt").replace(
+        "adapter: adapter\n", "adapter: adapter2\n", 1
+    )
+
+
+def test_hub_source_shows_repo_revision_and_commit() -> None:
+    from safelora_cli.commands.inspect import _source_text
+
+    spec = {
+        "kind": "hub",
+        "arg": "org/base",
+        "repo_id": "org/base",
+        "revision": "v1",
+        "commit": "a" * 40,
+        "path": "/hf/snap",
+    }
+    assert _source_text(spec) == f"org/base@v1 (commit {'a' * 40})"
+    spec["revision"] = None
+    assert _source_text(spec) == f"org/base@main (commit {'a' * 40})"
+    assert _source_text({"kind": "local", "arg": "b", "path": "/abs/b"}) == "/abs/b"

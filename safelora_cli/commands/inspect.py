@@ -164,8 +164,8 @@ def _source_text(spec: Any) -> str:
     if not isinstance(spec, dict):
         return str(spec)
     if spec.get("kind") == "hub" or spec.get("repo_id"):
-        rev = spec.get("commit") or spec.get("revision") or "main"
-        return f"{spec.get('repo_id') or spec.get('arg')}@{rev}"
+        text = f"{spec.get('repo_id') or spec.get('arg')}@{spec.get('revision') or 'main'}"
+        return text + (f" (commit {spec['commit']})" if spec.get("commit") else "")
     return str(spec.get("path") or spec.get("arg"))
 
 
