@@ -294,6 +294,22 @@ class StreamingProjectorSource:
         return self._stream.stream(targets)
 
 
+def schedule(targets: Sequence[Target]) -> list[Target]:
+    """The order to compute in: ``gram`` and ``factor`` weights alternating, each in given order.
+
+    A ``factor`` entry costs the main thread almost nothing (a scaling) while its pair still
+    has to be read and subtracted on the prefetch thread; two in a row leave the main thread
+    waiting. Putting a ``gram`` matmul between them hides that work. The cache does not depend
+    on the order (entries are independent files; the manifest is sorted).
+    """
+    grams = [t for t in targets if t.d_out <= t.d_in]
+    factors = [t for t in targets if t.d_out > t.d_in]
+    out: list[Target] = []
+    for i in range(max(len(grams), len(factors))):
+        out += [x[i] for x in (grams, factors) if i < len(x)]
+    return out
+
+
 def _peek_present(cache_dir: Path) -> set[str]:
     """Weights an existing cache already holds (empty when there is none or it is unreadable)."""
     from safelora_cli.cache import ProjectionCache
@@ -395,7 +411,7 @@ def _run(
     done = 0
     try:
         cache.require([(t.weight, t.fan_in_fan_out) for t in tlist if cache.has(t.weight)])
-        todo = [t for t in tlist if not cache.has(t.weight)]
+        todo = schedule([t for t in tlist if not cache.has(t.weight)])
         stream = _PairStream(rb, ra, dev)
         progress.start(len(todo), "computing projections")
 

@@ -23,6 +23,7 @@ from safelora_cli.compute import (
     check_pairs,
     compute_projections,
     parse_device,
+    schedule,
 )
 from safelora_cli.errors import CacheError, CheckpointError, UsageError
 from safelora_cli.projector import FACTOR, GRAM
@@ -316,6 +317,16 @@ def test_streaming_source_matches_cache(
         src.require([("transformer.h.0.ln_1.weight", False)])
 
 
+def test_schedule_alternates_and_keeps_every_target() -> None:
+    from safelora_cli.targets import Target
+
+    g = [Target(f"g{i}", False, 4, 8) for i in range(4)]
+    f = [Target(f"f{i}", False, 8, 4) for i in range(2)]
+    order = schedule([g[0], f[0], f[1], g[1], g[2], g[3]])
+    assert [t.weight for t in order] == ["g0", "f0", "g1", "f1", "g2", "g3"]
+    assert schedule([]) == [] and schedule(f) == f
+
+
 def test_parse_device() -> None:
     assert parse_device("cpu").type == "cpu"
     assert parse_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
@@ -502,3 +513,17 @@ def test_hub_fetches_only_needed_shards(tmp_path: Path, offline_hf: Path) -> Non
     src = cache.sources
     assert src["base"]["kind"] == "hub" and src["base"]["commit"] == "a" * 40
     assert "org/base" in cache.add_command()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu(tmp_path: Path, gpt2_pair: factory.Pair) -> None:
+    args = (str(gpt2_pair.base_dir), str(gpt2_pair.aligned_dir))
+    compute_projections(*args, tmp_path / "cpu", targets="c_attn,c_fc,c_proj", device="cpu")
+    s = compute_projections(*args, tmp_path / "gpu", targets="c_attn,c_fc,c_proj", device="cuda")
+    assert s.device.startswith("cuda")
+    cpu, gpu = ProjectionCache.open(tmp_path / "cpu"), ProjectionCache.open(tmp_path / "gpu")
+    assert cpu.weights() == gpu.weights()
+    for w in cpu.weights():
+        a, b = cpu.get(w, fan_in_fan_out=True), gpu.get(w, fan_in_fan_out=True)
+        assert a.kind == b.kind and a.norm_v == pytest.approx(b.norm_v, rel=1e-6)
+        assert torch.allclose(a.tensor, b.tensor, rtol=1e-5, atol=1e-6)
