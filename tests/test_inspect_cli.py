@@ -78,6 +78,28 @@ def test_cache_and_streaming_give_the_same_table(case) -> None:
     assert a.stdout == b.stdout
 
 
+def _skipped_by_name(out: str) -> tuple[dict[str, str], str]:
+    """Parse the skipped block (reason lines indented 2, wrapped; names indented 4) into
+    ``{name: reason}``, and the output with every reason replaced by ``<reason>``."""
+    reasons: dict[str, str] = {}
+    kept: list[str] = []
+    pending: list[str] = []  # reason lines not yet followed by names
+    current = ""
+    for line in out.splitlines():
+        if line.startswith("  ") and not line.startswith("    "):
+            if not pending:
+                kept.append("  <reason>:")
+            pending.append(line.strip())
+            continue
+        if line.startswith("    "):
+            if pending:
+                current, pending = " ".join(pending).removesuffix(":"), []
+            for name in line.strip().rstrip(",").split(", "):
+                reasons[name] = current
+        kept.append(line)
+    return reasons, "\n".join(kept) + "\n"
+
+
 def test_adapter_alone_golden(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     golden_case(tmp_path, extras=True)
     monkeypatch.chdir(tmp_path)
@@ -85,11 +107,9 @@ def test_adapter_alone_golden(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert r.exit_code == 0, r.stderr
     _check_plain(r.stdout)
     # The skip reasons are adapter.py's wording; check their substance, not their phrasing.
-    item = r"^  (\S+): (.+(?:\n    .+)*)$"  # a skipped entry, wrapped lines indented by 4
-    reasons = dict(re.findall(item, r.stdout, flags=re.M))
+    reasons, normalised = _skipped_by_name(r.stdout)
     assert "modules_to_save" in reasons["lm_head"]
     assert "embedding" in reasons["model.embed_tokens"].lower()
-    normalised = re.sub(item, r"  \1: <reason>", r.stdout, flags=re.M)
     assert normalised == golden("adapter_alone.txt")
 
 
@@ -508,3 +528,26 @@ def test_hub_source_shows_repo_revision_and_commit() -> None:
     spec["revision"] = None
     assert _source_text(spec) == f"org/base@main (commit {'a' * 40})"
     assert _source_text({"kind": "local", "arg": "b", "path": "/abs/b"}) == "/abs/b"
+
+
+def test_skipped_and_notes_grouped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DoRA modules share one reason line; a note shared by every module is printed once."""
+    pair = factory.make_pair(tmp_path)
+    factory.write_adapter(tmp_path / "dora", base=pair.base, use_dora=True)
+    factory.write_adapter(tmp_path / "bias", base=pair.base, lora_bias=True)
+    monkeypatch.chdir(tmp_path)
+    r = invoke(["dora"])
+    assert r.exit_code == 0, r.stderr
+    _check_plain(r.stdout)
+    reasons, normalised = _skipped_by_name(r.stdout)
+    names = set(factory.adapter_modules(tmp_path / "dora"))
+    assert set(reasons) == names and len(set(reasons.values())) == 1
+    assert "dora" in next(iter(reasons.values())).lower()
+    assert normalised.count("<reason>") == 1  # one reason block for all four modules
+    b = invoke(["bias"])
+    assert b.exit_code == 0, b.stderr
+    _check_plain(b.stdout)
+    rows = [ln for ln in b.stdout.splitlines() if re.match(r"^\s+\d+  \S", ln)]
+    assert len(rows) == 4 and all(ln.endswith("  [1]") for ln in rows)
+    (note,) = [ln for ln in b.stdout.splitlines() if ln.startswith("[1] ")]
+    assert "bias" in note and note.endswith("(4 modules)")

@@ -269,24 +269,34 @@ def _render_reports(reports: Sequence[Any], sort: str, top: int | None) -> None:
 
 
 def _skipped_lines(skipped: Sequence[Any]) -> list[str]:
-    """Adapter entries that are not LoRA modules patch can project, with the reason."""
+    """Adapter entries that are not LoRA modules patch can project, grouped by reason.
+
+    One reason line (ending in ``:``, indented 2) then its module names (indented 4), both
+    wrapped at 80 columns, so 224 DoRA modules read as one reason and a list, not 224 copies.
+    """
     if not skipped:
         return []
     from safelora_cli.naming import natural_key
 
-    lines = [f"{len(skipped)} not projectable, carried over unchanged by patch:"]
+    by_reason: dict[str, list[str]] = {}
     for sk in sorted(skipped, key=lambda x: natural_key(x.name)):
-        # Wrapped at 80 columns like the tables; continuation lines are indented further.
-        lines.extend(
-            textwrap.wrap(
-                f"{sk.name}: {sk.reason}",
-                width=80,
-                initial_indent="  ",
-                subsequent_indent="    ",
-                break_on_hyphens=False,
-            )
-        )
+        by_reason.setdefault(sk.reason, []).append(sk.name)
+    lines = [f"{len(skipped)} not projectable, carried over unchanged by patch:"]
+    for reason, names in by_reason.items():
+        lines.extend(_wrap(f"{reason}:", "  "))
+        lines.extend(_wrap(", ".join(names), "    "))
     return lines
+
+
+def _wrap(text: str, indent: str) -> list[str]:
+    return textwrap.wrap(
+        text,
+        width=80,
+        initial_indent=indent,
+        subsequent_indent=indent,
+        break_long_words=False,
+        break_on_hyphens=False,
+    )
 
 
 # ----------------------------------------------------------------------------- adapter alone
@@ -317,6 +327,7 @@ def _render_adapter(s: Any) -> None:
         f"rslora {'yes' if s.use_rslora else 'no'}, targets {targets or '-'}",
     ]
     _emit_lines(head)
+    notes: dict[str, int] = {}
     groups: list[list[list[str]]] = []
     last: object = object()
     for m in s.modules:
@@ -333,12 +344,12 @@ def _render_adapter(s: Any) -> None:
                 _num(m.alpha, "g"),
                 _num(m.scale),
                 m.dtype,
-                m.note or "",
+                f"[{notes.setdefault(m.note, len(notes) + 1)}]" if m.note else "",
             ]
         )
     if groups:
         cols: Sequence[Col] = ADAPTER_COLS
-        if not any(row[-1] for g in groups for row in g):
+        if not notes:
             # No module carries a note: drop the empty column rather than print a bare header.
             cols = ADAPTER_COLS[:-1]
             groups = [[row[:-1] for row in g] for g in groups]
@@ -347,6 +358,11 @@ def _render_adapter(s: Any) -> None:
         f"{len(s.modules)} LoRA modules can be projected"
         + (f" (lora_B dtype {', '.join(s.dtypes)})" if s.dtypes else "")
     ]
+    # Notes are free text: numbered markers in the table, the text once below, so a note shared
+    # by 224 modules costs one line and the table keeps its 80 columns.
+    for note, i in notes.items():
+        count = sum(1 for m in s.modules if m.note == note)
+        lines.extend(_wrap(f"[{i}] {note} ({count} module{'s' if count != 1 else ''})", ""))
     lines.extend(_skipped_lines(s.skipped) or ["nothing skipped"])
     _emit_lines(lines)
 
