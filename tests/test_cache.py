@@ -286,3 +286,37 @@ def test_odd_weight_names_get_safe_file_names() -> None:
     odd = entry_file_name("a/../b weight")
     assert "/" not in odd and " " not in odd and odd.endswith(".safetensors")
     assert entry_file_name("a/b") != entry_file_name("a_b")
+
+
+def test_kill_between_entry_file_and_manifest(
+    tmp_path: Path, llama_pair: factory.Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The manifest never names a file that is not complete, and a resume recomputes it."""
+    import safelora_cli.cache as cache_mod
+
+    sb, sa = specs(llama_pair)
+    path = tmp_path / "c"
+    with ProjectionCache.create_or_resume(path, sb, sa) as c:
+        c.put(projector_for(llama_pair, Q0))
+    real = cache_mod._write_atomic
+
+    def dies_on_manifest(p: Path, chunks, **kw):  # type: ignore[no-untyped-def]
+        if p.name == MANIFEST:
+            raise KeyboardInterrupt
+        return real(p, chunks, **kw)
+
+    monkeypatch.setattr(cache_mod, "_write_atomic", dies_on_manifest)
+    c = ProjectionCache.create_or_resume(path, sb, sa)
+    with pytest.raises(KeyboardInterrupt):
+        c.put(projector_for(llama_pair, K1))
+    c.close()
+    monkeypatch.setattr(cache_mod, "_write_atomic", real)
+    assert (path / entry_file_name(K1)).exists()  # the file landed ...
+    assert list(read_manifest(path)["weights"]) == [Q0]  # ... but is not named
+    with ProjectionCache.create_or_resume(path, sb, sa) as c:
+        assert c.weights() == [Q0]
+        c.put(projector_for(llama_pair, K1))
+        c.finish()
+    assert torch.equal(
+        ProjectionCache.open(path).get(K1).tensor, projector_for(llama_pair, K1).tensor
+    )
