@@ -10,11 +10,20 @@ Contract:
   Everything that can be checked from headers is checked before the cache is touched: each
   target present on both sides, same shape, 2-D, floating point (CheckpointError naming the
   weight and the files). Weights already in the cache are skipped and not read.
+- :class:`ComputeSummary`: ``computed`` (weights computed now), ``skipped`` (already
+  cached, not read), ``weights`` (their sum), ``bytes_read`` (tensor bytes read from both
+  checkpoints), ``seconds``, ``cache_bytes`` (cache size on disk), ``device``, ``degenerate``
+  (weights with ``V == 0``), ``created``; ``line()`` is the CLI's summary line.
 - Streaming: each needed tensor is read once from each checkpoint. A background thread reads
-  the *next* pair (on CUDA into pinned host memory) while the current pair is computed, so at
-  most two pairs are resident. On CUDA the host-to-device copies are ``non_blocking`` from
-  pinned memory, so disk reads overlap GPU work; results come back to the CPU for writing.
-  Each entry is written (:meth:`ProjectionCache.put`) as soon as it is computed.
+  the *next* pair while the current one is computed, so at most two pairs are resident (the
+  current one and the prefetched one). On CPU that thread also forms the float32 delta
+  (single-threaded, bit-identical to :func:`~safelora_cli.projector.alignment_delta`) so the
+  pair's memory goes before it is handed over. On CUDA it reads into pinned host memory; the
+  host-to-device copies are ``non_blocking``, so disk reads overlap GPU work; results come
+  back to the CPU for writing. Each entry is handed to a writer thread
+  (:meth:`ProjectionCache.put`) as soon as it is computed (at most one write pending).
+  ``gram`` and ``factor`` weights are computed alternately (:func:`schedule`); the cache does
+  not depend on the order.
 - Failure: a killed run leaves the cache marked in progress with only complete entries; the
   same command resumes it. A run that fails with an input error (e.g. NaN in a delta) removes
   a cache directory it created itself, and leaves an existing cache with the entries it had
