@@ -415,6 +415,11 @@ def test_terminal_rendering_is_a_rich_table_within_80_columns(
     plain = re.sub(r"\x1b\[[0-9;]*m", "", out)
     assert "mlp.gate_proj" in plain and "14336x4096" in plain and "…" not in plain
     assert max(len(ln.rstrip()) for ln in plain.splitlines()) <= 80
+    # Cells are text, never rich markup: a note marker prints as it is.
+    buf.truncate(0)
+    buf.seek(0)
+    cmd._emit_table(cmd.ADAPTER_COLS, [[["1", "mlp.up_proj", "8x4", "2", "4", "2", "F32", "[1]"]]])
+    assert "[1]" in buf.getvalue()
 
 
 # ----------------------------------------------------------------------------- Conv1D, states

@@ -86,6 +86,7 @@ def _emit_table(
         return
     from rich import box
     from rich.table import Table
+    from rich.text import Text
 
     # One padding space plus the box's blank divider: two spaces between columns, as in plain
     # output, so a table that fits 80 columns in a pipe fits an 80-column terminal too.
@@ -104,8 +105,9 @@ def _emit_table(
         for i, row in enumerate(group):
             style = styles[row_no] if styles is not None else None
             row_no += 1
+            # Text, not markup: cells such as a note marker "[1]" must print as they are.
             cells = [
-                f"[{s}]{cell}[/]" if s else cell
+                Text(cell, style=s or "")
                 for cell, s in zip(row, style or [None] * len(row), strict=False)
             ]
             table.add_row(*cells, end_section=i == len(group) - 1)
