@@ -253,30 +253,37 @@ def test_anchor_slugs_follow_github(tmp_path: Path) -> None:
     assert anchors(page) == {"gpu-or-cpu", "disk-and-memory-for-7b-and-70b-models"}
 
 
-def _resolve(dotted: str) -> bool:
-    """True when ``dotted`` (``safelora_cli.mod.attr...``) names an importable object."""
+def _resolve(dotted: str) -> object | None:
+    """The object ``dotted`` (``safelora_cli.mod.attr...``) names; None when there is none."""
     import importlib
 
     parts = dotted.split(".")
     for cut in range(len(parts), 0, -1):
         try:
-            obj = importlib.import_module(".".join(parts[:cut]))
+            obj: object = importlib.import_module(".".join(parts[:cut]))
         except ImportError:
             continue
         for attr in parts[cut:]:
             if not hasattr(obj, attr):
-                return False
+                return None
             obj = getattr(obj, attr)
-        return True
-    return False
+        return obj
+    return None
 
 
 @pytest.mark.parametrize("page", _pages(), ids=_rel)
 def test_python_names_in_docs_exist(page: Path) -> None:
-    """Every ``safelora_cli.x.y`` a page names (prose or code) can be imported."""
+    """Every ``safelora_cli.x.y`` a page names (prose or code) exists and has a docstring."""
     names = set(re.findall(r"\bsafelora_cli(?:\.[A-Za-z_]\w*)+", page.read_text(encoding="utf-8")))
-    missing = sorted(n for n in names if not _resolve(n.rstrip(".")))
+    objs = {n: _resolve(n) for n in names}
+    missing = sorted(n for n, o in objs.items() if o is None)
     assert not missing, f"{_rel(page)} names {missing}, which do not exist"
+    undocumented = sorted(
+        n
+        for n, o in objs.items()
+        if callable(o) and not (getattr(o, "__doc__", None) or "").strip()
+    )
+    assert not undocumented, f"{_rel(page)} points readers to {undocumented}: no docstring"
 
 
 def test_make_targets_in_docs_exist() -> None:
@@ -349,9 +356,9 @@ def test_convention_parser_reads_what_it_should() -> None:
     assert py is not None and py.argv[2] == "import json; print(json.dumps({'a': 1}))"
     assert simple_command("for a in x/*; do safelora patch $a; done") is None
     assert simple_command("safelora inspect a | head") is None
-    assert _resolve("safelora_cli.selection.Selection.from_flags")
-    assert not _resolve("safelora_cli.selection.no_such_name")
-    assert not _resolve("safelora_cli.no_such_module")
+    assert _resolve("safelora_cli.selection.Selection.from_flags") is not None
+    assert _resolve("safelora_cli.selection.no_such_name") is None
+    assert _resolve("safelora_cli.no_such_module") is None
 
 
 # ----------------------------------------------------------------------------- running
