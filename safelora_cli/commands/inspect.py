@@ -244,7 +244,7 @@ def _render_reports(reports: Sequence[Any], sort: str, top: int | None) -> None:
             _emit_lines([""])
         _emit_lines([f"adapter: {rep.adapter}"])
         rows, hidden = order_modules(rep.modules, sort, top)  # type: ignore[arg-type]
-        if sort == "layer" and top is None:
+        if sort == "layer":
             groups: list[list[list[str]]] = []
             last: object = object()
             for m in rows:
