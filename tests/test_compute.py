@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from safelora_cli import compute as compute_mod
@@ -62,6 +62,10 @@ def oracle_err(got: torch.Tensor, wb: torch.Tensor, wa: torch.Tensor, b: torch.T
     fifo=st.booleans(),
     seed=st.integers(0, 2**16),
 )
+@example(d_out=48, d_in=16, r=4, dtype="f32", fifo=False, seed=1)  # MLP up/gate: factor
+@example(d_out=16, d_in=32, r=4, dtype="bf16", fifo=False, seed=2)  # GQA k/v: gram
+@example(d_out=96, d_in=32, r=3, dtype="f16", fifo=True, seed=3)  # GPT-2 c_attn (Conv1D)
+@example(d_out=32, d_in=128, r=2, dtype="bf16", fifo=True, seed=4)  # GPT-2 mlp.c_proj
 def test_cache_reproduces_cb(d_out: int, d_in: int, r: int, dtype: str, fifo: bool, seed: int):
     """Through files and the cache: C B within 1e-6 of the float64 oracle (GQA, MLP, Conv1D)."""
     g = torch.Generator().manual_seed(seed)
@@ -325,6 +329,32 @@ def test_schedule_alternates_and_keeps_every_target() -> None:
     order = schedule([g[0], f[0], f[1], g[1], g[2], g[3]])
     assert [t.weight for t in order] == ["g0", "f0", "g1", "f1", "g2", "g3"]
     assert schedule([]) == [] and schedule(f) == f
+
+
+def test_progress_events(tmp_path: Path, llama_pair: factory.Pair) -> None:
+    events: list[tuple] = []
+
+    class Rec:
+        def start(self, total: int, description: str) -> None:
+            events.append(("start", total))
+
+        def advance(self, units: int = 1, nbytes: int = 0) -> None:
+            events.append(("advance", units, nbytes))
+
+        def finish(self) -> None:
+            events.append(("finish",))
+
+    s = compute_projections(
+        str(llama_pair.base_dir),
+        str(llama_pair.aligned_dir),
+        tmp_path / "c",
+        targets="q_proj,up_proj",
+        progress=Rec(),
+    )
+    assert events[0] == ("start", s.computed) and events[-1] == ("finish",)
+    adv = events[1:-1]
+    assert len(adv) == s.computed and all(e[1] == 1 for e in adv)
+    assert sum(e[2] for e in adv) == s.bytes_read
 
 
 def test_parse_device() -> None:
