@@ -87,3 +87,20 @@ def test_input_errors_exit_1_with_one_or_two_lines(tmp_path: Path, llama_pair: f
     assert 1 <= len(lines) <= 2 and "model.layers.0.self_attn.q_proj.weight" in lines[0]
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "c").exists()
+
+
+def test_adapter_for_another_model_is_refused(tmp_path: Path, llama_pair: factory.Pair) -> None:
+    gpt2_adapter = factory.write_adapter(
+        tmp_path / "gad", base=factory.gpt2_weights(), targets=("c_attn",), fan_in_fan_out=True
+    )
+    r = run(
+        str(llama_pair.base_dir),
+        str(llama_pair.aligned_dir),
+        "-o",
+        str(tmp_path / "c"),
+        "-a",
+        str(gpt2_adapter),
+    )
+    assert r.exit_code == 1
+    assert "transformer.h.0.attn.c_attn" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "c").exists()
