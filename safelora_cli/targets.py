@@ -163,7 +163,10 @@ def resolve_targets(
 
     for ad in adapters:
         for m in ad.modules:
-            w = weight_for_module(m, name_set, source_label=label)
+            try:
+                w = weight_for_module(m, name_set, source_label=label)
+            except AdapterError as e:
+                raise AdapterError(f"adapter {ad.path}: {e.message}", hint=e.hint) from None
             ti = reader.info(w)
             if len(ti.shape) != 2:
                 raise CheckpointError(
