@@ -557,3 +557,60 @@ def test_cuda_matches_cpu(tmp_path: Path, gpt2_pair: factory.Pair) -> None:
         a, b = cpu.get(w, fan_in_fan_out=True), gpu.get(w, fan_in_fan_out=True)
         assert a.kind == b.kind and a.norm_v == pytest.approx(b.norm_v, rel=1e-6)
         assert torch.allclose(a.tensor, b.tensor, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- targets unit
+
+
+def _module(name: str) -> Any:
+    from safelora_cli.adapter import LoraModule
+
+    return LoraModule(name, "a", "b", 4, 8.0, 2.0, False, 16, 32, "F32")
+
+
+def test_weight_for_module_exact_prefix_and_ambiguous() -> None:
+    from safelora_cli.errors import AdapterError
+    from safelora_cli.targets import weight_for_module
+
+    names = {"model.layers.0.q.weight", "model.language_model.layers.1.q.weight"}
+    assert weight_for_module(_module("model.layers.0.q"), names, source_label="x") == (
+        "model.layers.0.q.weight"
+    )
+    # Differs only by the model prefix (vision-language checkpoints): one candidate, matched.
+    assert (
+        weight_for_module(_module("language_model.model.layers.1.q"), names, source_label="x")
+        == "model.language_model.layers.1.q.weight"
+    )
+    two = {"a.layers.0.q.weight", "b.layers.0.q.weight"}
+    with pytest.raises(AdapterError, match="several weights of ckpt"):
+        weight_for_module(_module("c.layers.0.q"), two, source_label="ckpt")
+    with pytest.raises(AdapterError, match=r"ckpt has no weight m\.layers\.7\.q\.weight"):
+        weight_for_module(_module("m.layers.7.q"), names, source_label="ckpt")
+
+
+def test_parse_targets_suffixes_and_regex() -> None:
+    from safelora_cli.targets import is_regex, parse_targets
+
+    suff = parse_targets("q_proj, self_attn.v_proj")
+    assert suff("model.layers.0.self_attn.q_proj.weight")
+    assert suff("model.layers.0.self_attn.v_proj.weight")
+    assert not suff("model.layers.0.self_attn.xq_proj.weight")  # dot boundary
+    assert not suff("model.layers.0.mlp.v_proj.weight")
+    assert is_regex("re:q") and is_regex(r"layers\.1") and not is_regex("q_proj,v_proj")
+    rx = parse_targets(r"layers\.(0|2)\.self_attn\.q")
+    assert rx("model.layers.2.self_attn.q_proj.weight")
+    assert not rx("model.layers.1.self_attn.q_proj.weight")
+    for bad in ("", " , "):
+        with pytest.raises(UsageError):
+            parse_targets(bad)
+
+
+def test_conv1d_orientation_needs_config(tmp_path: Path) -> None:
+    base = factory.gpt2_weights(layers=1)
+    factory.write_checkpoint(tmp_path / "b", base)  # no config.json
+    factory.write_checkpoint(tmp_path / "a", factory.aligned_from(base))
+    with pytest.raises(UsageError, match=r"config\.json"):
+        compute_projections(
+            str(tmp_path / "b"), str(tmp_path / "a"), tmp_path / "c", targets="c_fc"
+        )
+    assert not (tmp_path / "c").exists()
