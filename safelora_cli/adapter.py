@@ -254,6 +254,16 @@ def lora_scale(alpha: float, r: int, *, use_rslora: bool) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
+def _finite_number(x: object) -> bool:
+    """A JSON number usable as a float (not a bool; ints beyond float range are not)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(x))
+    except OverflowError:
+        return False
+
+
 def _config_error(path: Path, what: str, hint: str) -> AdapterError:
     return AdapterError(f"adapter: {path}: {what}", hint=hint, path=path)
 
@@ -289,7 +299,7 @@ def read_config(directory: Path) -> dict:
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise _config_error(p, f"r must be a positive integer, got {r!r}", "fix the config")
     alpha = cfg.get("lora_alpha", DEFAULT_ALPHA)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+    if not _finite_number(alpha):
         raise _config_error(p, f"lora_alpha must be a number, got {alpha!r}", "fix the config")
     for key in ("rank_pattern", "alpha_pattern"):
         pat = cfg.get(key) or {}
@@ -305,7 +315,7 @@ def read_config(directory: Path) -> dict:
             ok = (
                 isinstance(v, int) and not isinstance(v, bool) and v > 0
                 if key == "rank_pattern"
-                else isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                else _finite_number(v)
             )
             if not ok:
                 raise _config_error(p, f"{key}[{k!r}] = {v!r} is not valid", "fix the config")
