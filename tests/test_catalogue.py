@@ -545,6 +545,34 @@ def _(w: World, mp: Any) -> list[str]:
     return patch_stream(w, w.base, w.aligned)
 
 
+@case("adapter-file-symlink-escapes", must=("notes.txt",))
+def _(w: World, mp: Any) -> list[str]:
+    # A file of the adapter directory links outside it: patch copies every file of the adapter,
+    # so following the link would copy (leak) a file the adapter does not contain.
+    secret = w.root / "secret.txt"
+    secret.write_text("not part of the adapter")
+    (w.adapter / "notes.txt").symlink_to(secret)
+    return patch_p(w)
+
+
+@case("adapter-dir-symlink-loop", must=("loop",))
+def _(w: World, mp: Any) -> list[str]:
+    (w.adapter / "loop").symlink_to(w.adapter, target_is_directory=True)
+    return patch_p(w)
+
+
+@case("adapter-inspect-missing-lora-B", must=("lora_B",))
+def _(w: World, mp: Any) -> list[str]:
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+    edit_tensors(w.adapter / "adapter_model.safetensors", lambda t: t.pop(key))
+    return ["inspect", str(w.adapter)]
+
+
+@case("adapter-inspect-shapes-do-not-fit-cache", must=("q_proj",))
+def _(w: World, mp: Any) -> list[str]:
+    return ["inspect", str(w.small_adapter), "-p", str(w.cache)]
+
+
 # -- caches --------------------------------------------------------------------------------------
 
 
@@ -692,6 +720,28 @@ def _(w: World, mp: Any) -> list[str]:
     return compute(w, w.base, w.aligned)
 
 
+@case("output-equals-cache", must=("cache",))
+def _(w: World, mp: Any) -> list[str]:
+    return ["patch", str(w.adapter), "-p", str(w.cache), "-o", str(w.cache), "--force"]
+
+
+@case("output-inside-cache", must=("cache",))
+def _(w: World, mp: Any) -> list[str]:
+    return ["patch", str(w.adapter), "-p", str(w.cache), "-o", str(w.cache / "patched")]
+
+
+@case("output-inside-base-model", must=("base",))
+def _(w: World, mp: Any) -> list[str]:
+    return [*patch_stream(w, w.base, w.aligned)[:-1], str(w.base / "patched")]
+
+
+@case("output-cache-is-base-model", must=("base",))
+def _(w: World, mp: Any) -> list[str]:
+    argv = compute(w, w.base, w.aligned)
+    argv[argv.index("-o") + 1] = str(w.base)
+    return argv
+
+
 # -- flags ---------------------------------------------------------------------------------------
 
 
@@ -723,6 +773,11 @@ def _(w: World, mp: Any) -> list[str]:
 @case("flags-bad-device", code=2, must=("--device", "tpu"))
 def _(w: World, mp: Any) -> list[str]:
     return patch_p(w, "--device", "tpu")
+
+
+@case("flags-device-not-present", code=2, must=("cuda:99",))
+def _(w: World, mp: Any) -> list[str]:
+    return patch_p(w, "--device", "cuda:99")
 
 
 @case("flags-base-without-aligned", code=2, must=("--aligned",))
