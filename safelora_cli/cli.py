@@ -6,6 +6,7 @@ place where library errors become messages and exit codes (DESIGN §6).
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sys
@@ -65,11 +66,15 @@ def cli_errors(fn: F) -> F:
                 ]
             )
             raise typer.Exit(EXIT_ERROR) from None
+        except BrokenPipeError:
+            # The reader of stdout went away (``safelora inspect ... | head``): stop quietly,
+            # as a command killed by SIGPIPE would, instead of reporting an error.
+            _silence_stdout()
+            raise typer.Exit(EXIT_BROKEN_PIPE) from None
         except OSError as exc:
             if debug_enabled():
                 raise
-            where = f": {exc.filename}" if exc.filename else ""
-            print_error([f"{exc.strerror or exc}{where}", "Check the path and free disk space."])
+            print_error(os_error_lines(exc))
             raise typer.Exit(EXIT_ERROR) from None
         except Exception as exc:
             if debug_enabled():
@@ -83,6 +88,44 @@ def cli_errors(fn: F) -> F:
             raise typer.Exit(EXIT_ERROR) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+# What a shell reports for a command killed by SIGPIPE (128 + 13).
+EXIT_BROKEN_PIPE = 141
+
+_OS_HINTS: dict[int, str] = {
+    errno.ENOSPC: "Free some disk space (or write to another disk with -o) and run it again.",
+    errno.EDQUOT: "The disk quota is exhausted: free some space or write elsewhere (-o).",
+    errno.EACCES: "Choose a location you can write to (-o), or fix the permissions.",
+    errno.EPERM: "Choose a location you can write to (-o), or fix the permissions.",
+    errno.EROFS: "The file system is read-only: choose another location (-o).",
+    errno.ENOTDIR: "A component of the path is a file, not a directory: choose another path.",
+    errno.EEXIST: "Something already exists there: remove it or choose another path.",
+    errno.ENAMETOOLONG: "The path is too long (or loops through symlinks): use a shorter one.",
+    errno.ELOOP: "The path loops through symlinks: fix the links or use another path.",
+    errno.EMFILE: "Too many open files: raise the limit (ulimit -n) and run it again.",
+    errno.EIO: "The disk reported an I/O error: check the device, then run it again.",
+}
+
+
+def os_error_lines(exc: OSError) -> list[str]:
+    """An operating-system failure that no library error explained, as two lines."""
+    what = exc.strerror or str(exc) or type(exc).__name__
+    where = f": {exc.filename}" if exc.filename else ""
+    if exc.filename2:
+        where += f" -> {exc.filename2}"
+    hint = _OS_HINTS.get(exc.errno or 0, "Check the paths given and free disk space, then retry.")
+    return [f"{what}{where}", hint]
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 def _version(value: bool) -> None:
@@ -113,5 +156,16 @@ _register()
 
 def main() -> None:
     """Console-script entry point."""
-    app(prog_name="safelora")
+    try:
+        app(prog_name="safelora")
+    finally:
+        # Flush here, not at interpreter exit, so a closed pipe ends quietly (no "Exception
+        # ignored" noise on stderr).
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _silence_stdout()
+            sys.exit(EXIT_BROKEN_PIPE)
+        except (OSError, ValueError):
+            pass
     sys.exit(0)

@@ -693,13 +693,13 @@ def _(w: World, mp: Any) -> list[str]:
     return patch_p(w)
 
 
-@case("output-disk-full-patch", must=("No space left",))
+@case("output-disk-full-patch", must=("No space left", "disk space"))
 def _(w: World, mp: Any) -> list[str]:
     _fail_fsync(mp, after=1)
     return patch_p(w)
 
 
-@case("output-disk-full-compute", must=("No space left",))
+@case("output-disk-full-compute", must=("No space left", "disk space"))
 def _(w: World, mp: Any) -> list[str]:
     _fail_fsync(mp, after=3)
     return compute(w, w.base, w.aligned)
@@ -918,3 +918,26 @@ def _diff(before: dict[str, Any], after: dict[str, Any]) -> str:
     gone = sorted(set(before) - set(after))
     changed = sorted(k for k in set(before) & set(after) if before[k] != after[k])
     return f"added {added}, removed {gone}, changed {changed}"
+
+
+def test_closed_stdout_pipe_ends_quietly(pristine: World) -> None:
+    """``safelora inspect ... | head``: the reader goes away; no traceback, no error noise."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("SAFELORA_DEBUG", None)
+    argv = ["inspect", str(pristine.adapter), "-p", str(pristine.cache)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "safelora_cli", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # before the child's first write: every write hits EPIPE
+    err = proc.stderr.read().decode()
+    code = proc.wait(timeout=120)
+    assert err == ""
+    assert code == 141  # what a shell reports for a command ended by a closed pipe
