@@ -28,8 +28,22 @@ Measurements (children):
   the matmul times. ``bare_gram`` is the stricter sum over the ``gram`` weights only, i.e.
   exactly the matmuls compute-projections performs (it stores ``factor`` without a matmul).
 
-Goals (issue 3): peak RSS at 2x depth within 15% of 1x depth; peak RSS >= 3x below ``whole``;
-CPU wall time <= 1.5x ``bare``.
+Goals (issue 3): peak RSS at 2x depth within 15% of 1x depth; peak RSS >= 3x below the
+official way; CPU wall time <= 1.5x ``bare`` (worst over the depths).
+
+Measured on the 2-core dev box (torch 2.13 CPU, shared with other jobs, load average ~4-5),
+``--repeats 3``::
+
+    layers weights  model MB  read MB  cache MB  peak MB  whole MB  official MB  wall s  bare s  gram s
+         4      28     442.5    180.4     144.7    307.7     689.3       1518.1    1.80    1.34    0.73
+         8      56     622.9    360.7     289.4    308.1     869.7       2196.3    2.84    3.58    1.83
+    peak RSS, 2x depth / 1x depth: 1.001 (goal <= 1.15: met)
+    official-way peak / compute peak: 7.13x (goal >= 3: met); plain bf16 load / compute: 2.82x
+    wall / bare Gram matmuls (worst depth): 1.35 (goal <= 1.5: met); wall / the gram matmuls
+    compute does: 2.46
+
+About 230 MB of every peak is the interpreter plus torch. Wall times on this shared box vary by
++-30% from run to run.
 """
 
 from __future__ import annotations
@@ -295,8 +309,9 @@ def run_bench(
         "rss_depth_ratio": hi["compute_peak_rss"] / lo["compute_peak_rss"],
         "rss_vs_whole": hi["whole_peak_rss"] / hi["compute_peak_rss"],
         "rss_vs_official": hi["official_peak_rss"] / hi["compute_peak_rss"],
-        "wall_vs_bare": hi["compute_wall_s"] / hi["bare_wall_s"],
-        "wall_vs_bare_gram": hi["compute_wall_s"] / hi["bare_gram_wall_s"],
+        # Worst over the depths measured.
+        "wall_vs_bare": max(d["compute_wall_s"] / d["bare_wall_s"] for d in (lo, hi)),
+        "wall_vs_bare_gram": max(d["compute_wall_s"] / d["bare_gram_wall_s"] for d in (lo, hi)),
     }
     goals["met"] = {
         "rss_depth_within_15pct": goals["rss_depth_ratio"] <= 1.15,
@@ -330,7 +345,7 @@ def report(res: dict) -> str:
         f"official-way peak / compute peak: {g['rss_vs_official']:.2f}x (goal >= 3: "
         f"{'met' if m['rss_3x_below_official'] else 'MISSED'}); plain bf16 load of both "
         f"models / compute peak: {g['rss_vs_whole']:.2f}x",
-        f"wall / bare Gram matmuls: {g['wall_vs_bare']:.2f} (goal <= 1.5: "
+        f"wall / bare Gram matmuls (worst depth): {g['wall_vs_bare']:.2f} (goal <= 1.5: "
         f"{'met' if m['wall_within_1.5x_bare'] else 'MISSED'}); "
         f"wall / the gram matmuls compute does: {g['wall_vs_bare_gram']:.2f}",
     ]
