@@ -34,9 +34,9 @@ official way; CPU wall time <= 1.5x ``bare`` (worst over the depths).
 Measured on the 2-core dev box (torch 2.13 CPU, shared with other jobs, load average ~4-5),
 ``--repeats 3``::
 
-    layers weights  model MB  read MB  cache MB  peak MB  whole MB  official MB  wall s  bare s  gram s
-         4      28     442.5    180.4     144.7    307.7     689.3       1518.1    1.80    1.34    0.73
-         8      56     622.9    360.7     289.4    308.1     869.7       2196.3    2.84    3.58    1.83
+    layers weights model MB read MB cache MB peak MB whole MB official MB wall s bare s gram s
+         4      28    442.5   180.4    144.7   307.7    689.3      1518.1   1.80   1.34   0.73
+         8      56    622.9   360.7    289.4   308.1    869.7      2196.3   2.84   3.58   1.83
     peak RSS, 2x depth / 1x depth: 1.001 (goal <= 1.15: met)
     official-way peak / compute peak: 7.13x (goal >= 3: met); plain bf16 load / compute: 2.82x
     wall / bare Gram matmuls (worst depth): 1.35 (goal <= 1.5: met); wall / the gram matmuls
