@@ -692,6 +692,32 @@ def base_fan_in_fan_out(
     return fif
 
 
+def orient_for_base(adapters: Iterable[Adapter], model_type: str | None) -> None:
+    """Set each module's ``fan_in_fan_out`` to what PEFT uses on a base of ``model_type``.
+
+    PEFT decides the orientation from the layer class when it loads an adapter (Conv1D forces
+    ``fan_in_fan_out`` on, ``nn.Linear`` off), whatever the config says; a config that disagrees
+    (adapters saved by other tools) would otherwise pick the wrong orientation silently on a
+    square Conv1D weight. Modules are replaced in place, with a ``note`` saying so.
+    ``model_type`` None (no ``config.json``) leaves the adapter config in charge.
+    """
+    import dataclasses
+
+    if model_type is None:
+        return
+    for ad in adapters:
+        for i, m in enumerate(ad.modules):
+            fif = model_type in CONV1D_MODEL_TYPES and m.name.rsplit(".", 1)[-1] in CONV1D_LEAVES
+            if fif != m.fan_in_fan_out:
+                why = (
+                    f"fan_in_fan_out taken as {str(fif).lower()}: the base is {model_type}, "
+                    f"whose {m.name.rsplit('.', 1)[-1]} is {'Conv1D' if fif else 'Linear'} "
+                    "(PEFT does the same)"
+                )
+                note = f"{m.note}; {why}" if m.note else why
+                ad.modules[i] = dataclasses.replace(m, fan_in_fan_out=fif, note=note)
+
+
 def load_adapter(arg: str | Path, *, revision: str | None = None) -> Adapter:
     """Resolve ``arg`` (local directory or Hub id) and read the adapter.
 

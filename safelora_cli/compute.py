@@ -343,7 +343,7 @@ def compute_projections(
     dtype: Any = None,
 ) -> ComputeSummary:
     """Compute and cache one projector per target weight (see the module docstring)."""
-    from safelora_cli.adapter import load_adapter
+    from safelora_cli.adapter import load_adapter, orient_for_base
     from safelora_cli.progress import NullProgress
     from safelora_cli.sources import open_model
 
@@ -377,6 +377,7 @@ def compute_projections(
             return [n for n in wanted if n in have]
 
         rb, sb = open_model(base, revision=revision_base, label="base model", want=want_base)
+        orient_for_base(loaded, (sb.config or {}).get("model_type"))
         with contextlib.ExitStack() as stack:
             stack.callback(rb.close)
             ra, sa = open_model(

@@ -243,12 +243,16 @@ def _projector_source(
     save_projections: Path | None,
 ) -> Iterator[tuple[Any, Callable[[LoraModule], str], dict[str, Any]]]:
     """``(ProjectorSource, weight_for, provenance)``; everything checked before yielding."""
-    modules = [m for ad in loaded for m in ad.modules]
+    from safelora_cli.adapter import orient_for_base
+
     if projections is not None:
         from safelora_cli.cache import ProjectionCache
 
         cache = ProjectionCache.open(projections, device=_device(device), adapters=list(args))
         try:
+            base_config = (cache.sources.get("base") or {}).get("config") or {}
+            orient_for_base(loaded, base_config.get("model_type"))
+            modules = [m for ad in loaded for m in ad.modules]
             weight_for = _mapper(cache.weights(), "projection cache", strict=False)
             requests = sorted({(weight_for(m), bool(m.fan_in_fan_out)) for m in modules})
             cache.require(requests, adapters=list(args))
@@ -270,7 +274,7 @@ def _projector_source(
     def want(label: str) -> Callable[[list[str]], list[str]]:
         def pick(names: list[str]) -> list[str]:
             wf = _mapper(names, label, strict=True)
-            return sorted({wf(m) for m in modules})
+            return sorted({wf(m) for ad in loaded for m in ad.modules})
 
         return pick
 
@@ -285,6 +289,8 @@ def _projector_source(
         base_reader.close()
         raise
     try:
+        orient_for_base(loaded, (base_spec.config or {}).get("model_type"))
+        modules = [m for ad in loaded for m in ad.modules]
         weight_for = _mapper(base_reader.names(), "base model", strict=True)
         requests = sorted({(weight_for(m), bool(m.fan_in_fan_out)) for m in modules})
         source: Any = StreamingProjectorSource(base_reader, aligned_reader, device=_device(device))
