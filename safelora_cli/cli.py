@@ -54,7 +54,13 @@ def cli_errors(fn: F) -> F:
             print_error(exc.lines())
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
-            print_error(["interrupted; nothing was written."])
+            print_error(
+                [
+                    "interrupted.",
+                    "No partial adapter is left; an interrupted compute-projections keeps its "
+                    "finished entries and resumes when rerun.",
+                ]
+            )
             raise typer.Exit(130) from None
         except MemoryError:
             if debug_enabled():

@@ -52,12 +52,13 @@ def offline_hf(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Mon
 
 @pytest.fixture
 def llama_pair(tmp_path: Path) -> factory.Pair:
-    return factory.make_pair(tmp_path, arch="llama")
+    # Own subdirectory: a test may use llama_pair and gpt2_pair together.
+    return factory.make_pair(tmp_path / "llama", arch="llama")
 
 
 @pytest.fixture
 def gpt2_pair(tmp_path: Path) -> factory.Pair:
-    return factory.make_pair(tmp_path, arch="gpt2")
+    return factory.make_pair(tmp_path / "gpt2", arch="gpt2")
 
 
 @pytest.fixture
