@@ -349,9 +349,11 @@ def test_killed_compute_leaves_a_resumable_or_refused_cache(killed: dict[str, An
         if r["rerun"] is None:
             assert not out.exists() and not siblings, where
             continue
-        # The same command again resumes to exactly the uninterrupted result.
+        # The same command again resumes to exactly the uninterrupted result, and removes the
+        # killed run's temporary directory.
         assert r["rerun"]["code"] == 0, (where, log_of(r["dir"], "log2"))
         assert tree(Path(r["dir"]) / "out") == ref_tree, where
+        assert not [p for p in Path(r["dir"]).iterdir() if p.name.startswith(".tmp-")], where
     assert kills >= 6
 
 
@@ -411,9 +413,13 @@ def _check_patch_runs(res: dict[str, Any], *, old: dict[str, str] | None) -> int
             assert rerun["code"] == 1 and "already exists" in log2, (where, log2)
             assert tree(Path(r["dir"]) / "out") == ref_tree, where
         else:
-            # Leftover hidden temporaries are ignored: the rerun succeeds with the same bytes.
+            # Leftover hidden temporaries do not disturb the rerun: same bytes, and the killed
+            # run's staging directories are removed (a moved-aside original stays until the
+            # output exists again, so it is never the only copy lost).
             assert rerun["code"] == 0, (where, log2)
             assert tree(Path(r["dir"]) / "out") == ref_tree, where
+            left = [p.name for p in Path(r["dir"]).iterdir() if ".safelora-tmp-" in p.name]
+            assert not left, (where, left)
     return kills
 
 
