@@ -27,6 +27,13 @@ Format: see ``docs/cache-format.md`` (DESIGN §5). Contract used by patch, inspe
   An entry is complete on disk before the manifest names it, so a killed run leaves a cache
   whose manifest names only complete entries, marked in progress: it is *resumable*
   (``create_or_resume`` again). :meth:`finish` marks it complete.
+- Multi-process runs (:mod:`safelora_cli.distributed`): rank 0 holds the lock and writes the
+  manifest. Every other rank writes through :meth:`ProjectionCache.worker`: its :meth:`put`
+  writes the entry file, then records the entry in the rank's *journal*
+  (``.journal-<rank>.json``, atomic) instead of the manifest. At the end rank 0 names them in
+  the manifest with :meth:`adopt` (only entries whose file is on disk with the recorded shape
+  and dtype) and deletes the journals. A killed multi-process run leaves journals behind;
+  :meth:`create_or_resume` adopts their verified entries, so nothing finished is recomputed.
 - Determinism: no timestamps anywhere; manifest keys and entries are sorted (entries in natural
   order); numbers are written with ``repr`` (exact round trip). The same inputs give
   byte-identical caches, whether built in one run or resumed.
@@ -64,6 +71,7 @@ IN_PROGRESS, COMPLETE = "in_progress", "complete"
 FLOAT_CODES = ("F32", "F64", "F16", "BF16")
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
 _TMP_PREFIX = ".tmp-"
+_JOURNAL_PREFIX = ".journal-"
 
 
 @dataclass(frozen=True)
@@ -274,6 +282,8 @@ class ProjectionCache:
         self._lock_fd = lock_fd
         self.bytes_read = 0
         self.created = False
+        # Rank of a multi-process worker (writes its journal, never the manifest); None: owner.
+        self._journal: int | None = None
 
     # -- opening --------------------------------------------------------------------------
 
@@ -456,18 +466,107 @@ class ProjectionCache:
             ) from None
         return fd
 
+    @classmethod
+    def worker(cls, path: str | Path, manifest: dict[str, Any], *, rank: int) -> ProjectionCache:
+        """A writable handle for rank ``rank`` (> 0) of a multi-process run.
+
+        ``manifest`` is rank 0's (:attr:`manifest`, after :meth:`create_or_resume`). :meth:`put`
+        writes the entry file, then this rank's journal; the manifest and the lock stay rank 0's.
+        """
+        p = Path(path)
+        raw = manifest.get("weights") or {}
+        entries = {w: _entry_from_json(w, d, p) for w, d in raw.items()}
+        cache = cls(p, json.loads(json.dumps(manifest)), entries, writable=True)
+        cache._journal = int(rank)
+        cache._manifest["weights"] = {}  # the journal names only what this rank adds
+        return cache
+
+    def _journal_path(self, rank: int) -> Path:
+        return self.path / f"{_JOURNAL_PREFIX}{rank}.json"
+
+    def _journals(self) -> list[Path]:
+        return sorted(
+            q
+            for q in self.path.iterdir()
+            if q.name.startswith(_JOURNAL_PREFIX) and q.name.endswith(".json") and q.is_file()
+        )
+
+    def _write_journal(self) -> None:
+        assert self._journal is not None
+        mine = self._manifest["weights"]
+        body = {"format": FORMAT_NAME, "weights": dict(sorted(mine.items()))}
+        _write_atomic(self._journal_path(self._journal), [_dumps(body)])
+
+    def _admit(self, e: CacheEntry) -> bool:
+        """Name ``e`` (written by another process) if its file is there and as recorded."""
+        if e.weight in self._entries or e.dtype != self.dtype:
+            return False
+        if any(x.file == e.file for x in self._entries.values()) or not self._file_ok(e):
+            return False
+        self._entries[e.weight] = e
+        return True
+
+    def adopt(self, entries: Iterable[CacheEntry]) -> list[str]:
+        """Name entries other ranks wrote; returns the weights refused (file absent or wrong).
+
+        Entries already named are left as they are. Writes the manifest (state unchanged), then
+        deletes every rank's journal.
+        """
+        self._need_writable()
+        refused = []
+        changed = False
+        for e in entries:
+            if e.weight in self._entries:
+                continue
+            if self._admit(e):
+                changed = True
+            else:
+                refused.append(e.weight)
+        if changed:
+            self._write_manifest()
+        self._drop_journals()
+        return refused
+
+    def _drop_journals(self) -> None:
+        gone = False
+        for q in self._journals():
+            with contextlib.suppress(OSError):
+                q.unlink()
+                gone = True
+        if gone:
+            _fsync_dir(self.path)
+
+    def _journal_entries(self) -> list[CacheEntry]:
+        """Entries recorded in journals of a killed multi-process run (damaged ones skipped)."""
+        out = []
+        for q in self._journals():
+            try:
+                raw = json.loads(q.read_text(encoding="utf-8"))["weights"]
+                out += [_entry_from_json(w, d, self.path) for w, d in raw.items()]
+            except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+                continue  # UnicodeDecodeError is a ValueError
+            except CacheError:
+                continue
+        return out
+
     def _cleanup(self) -> None:
-        """Drop temporaries of a killed run and entries whose files are gone or damaged."""
+        """Drop temporaries of a killed run and entries whose files are gone or damaged.
+
+        Entries a killed multi-process run recorded in its journals are adopted when their
+        files are intact (they are then recomputed by nobody).
+        """
         for q in self.path.iterdir():
             if q.name.startswith(_TMP_PREFIX) and q.is_file():
                 with contextlib.suppress(OSError):
                     q.unlink()
         bad = [w for w, e in self._entries.items() if not self._file_ok(e)]
-        if bad:
-            for w in bad:
-                del self._entries[w]
+        for w in bad:
+            del self._entries[w]
+        adopted = [e for e in self._journal_entries() if self._admit(e)]
+        if bad or adopted:
             self._manifest["state"] = IN_PROGRESS
             self._write_manifest()
+        self._drop_journals()
 
     def _file_ok(self, e: CacheEntry) -> bool:
         f = self.path / e.file
@@ -637,7 +736,7 @@ class ProjectionCache:
             "safelora.norm_v": repr(float(pr.norm_v)),
             "safelora.fan_in_fan_out": "true" if pr.fan_in_fan_out else "false",
         }
-        if self._manifest["state"] != IN_PROGRESS:
+        if self._journal is None and self._manifest["state"] != IN_PROGRESS:
             self._manifest["state"] = IN_PROGRESS
             self._write_manifest()
         _write_atomic(self.path / file, _safetensors_chunks(pr.weight, t, meta), sync_dir=False)
@@ -653,7 +752,11 @@ class ProjectionCache:
             want,
         )
         self._entries[pr.weight] = e
-        self._write_manifest()
+        if self._journal is not None:
+            self._manifest["weights"][pr.weight] = e.to_json()
+            self._write_journal()
+        else:
+            self._write_manifest()
         return e
 
     def finish(self) -> None:

@@ -49,7 +49,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from safelora_cli.errors import CheckpointError, SafeLoraError, UsageError
+from safelora_cli.errors import CacheError, CheckpointError, SafeLoraError, UsageError
+from safelora_cli.naming import natural_sorted
 from safelora_cli.projector import (
     Projector,
     alignment_delta,
@@ -62,6 +63,7 @@ from safelora_cli.targets import FLOAT_CODES, Target, names_for, resolve_targets
 if TYPE_CHECKING:
     import torch
 
+    from safelora_cli.distributed import Dist
     from safelora_cli.progress import Progress
     from safelora_cli.reader import CheckpointReader
 
@@ -341,14 +343,47 @@ def compute_projections(
     revision_aligned: str | None = None,
     progress: Progress | None = None,
     dtype: Any = None,
+    dist: Dist | None = None,
 ) -> ComputeSummary:
-    """Compute and cache one projector per target weight (see the module docstring)."""
-    from safelora_cli.adapter import load_adapter, orient_for_base
+    """Compute and cache one projector per target weight (see the module docstring).
+
+    ``dist`` (:func:`safelora_cli.distributed.current`): split the work across the ranks of a
+    multi-process launch (:func:`_run_distributed`); None (the default) is a single process.
+    """
     from safelora_cli.progress import NullProgress
-    from safelora_cli.sources import open_model
 
     t0 = time.perf_counter()
     progress = progress or NullProgress()
+    if dist is not None and dist.world_size > 1:
+        return _compute_distributed(
+            base,
+            aligned,
+            Path(cache_dir),
+            adapters=adapters,
+            targets=targets,
+            device=device,
+            revision_base=revision_base,
+            revision_aligned=revision_aligned,
+            progress=progress,
+            dtype=dtype,
+            dist=dist,
+            t0=t0,
+        )
+    dev = _checked_request(adapters, targets, device)
+    cache_dir = Path(cache_dir)
+    with _inputs(base, aligned, cache_dir, adapters, targets, revision_base, revision_aligned) as (
+        rb,
+        ra,
+        sb,
+        sa,
+        tlist,
+    ):
+        return _run(rb, ra, sb, sa, cache_dir, tlist, dev, progress, dtype, t0)
+
+
+def _checked_request(
+    adapters: Sequence[str | Path], targets: str | None, device: str
+) -> torch.device:
     if not adapters and targets is None:
         raise UsageError(
             "nothing to compute: give --adapter (one or more) or --targets",
@@ -356,7 +391,23 @@ def compute_projections(
         )
     dev = parse_device(device)
     limit_heap_retention()
-    cache_dir = Path(cache_dir)
+    return dev
+
+
+@contextlib.contextmanager
+def _inputs(
+    base: str,
+    aligned: str,
+    cache_dir: Path,
+    adapters: Sequence[str | Path],
+    targets: str | None,
+    revision_base: str | None,
+    revision_aligned: str | None,
+) -> Iterator[tuple[CheckpointReader, CheckpointReader, Any, Any, list[Target]]]:
+    """Open both models, resolve the targets and check (headers only) those not yet cached."""
+    from safelora_cli.adapter import load_adapter
+    from safelora_cli.sources import open_model
+
     loaded = []
     try:
         for a in adapters:
@@ -377,7 +428,6 @@ def compute_projections(
             return [n for n in wanted if n in have]
 
         rb, sb = open_model(base, revision=revision_base, label="base model", want=want_base)
-        orient_for_base(loaded, (sb.config or {}).get("model_type"))
         with contextlib.ExitStack() as stack:
             stack.callback(rb.close)
             ra, sa = open_model(
@@ -394,10 +444,56 @@ def compute_projections(
             present = _peek_present(cache_dir)
             todo = [t for t in tlist if t.weight not in present]
             check_pairs(rb, ra, [t.weight for t in todo])
-            return _run(rb, ra, sb, sa, cache_dir, tlist, dev, progress, dtype, t0)
+            yield rb, ra, sb, sa, tlist
     finally:
         for ad in loaded:
             ad.close()
+
+
+def _stream_into(
+    cache: Any,
+    rb: CheckpointReader,
+    ra: CheckpointReader,
+    todo: Sequence[Target],
+    dev: torch.device,
+    dtype: Any,
+    progress: Progress,
+    degenerate: list[str],
+) -> int:
+    """Compute ``todo`` in order and ``cache.put`` each entry; returns how many were written.
+
+    Weights with ``V == 0`` are appended to ``degenerate`` as their entries are written.
+    """
+    stream = _PairStream(rb, ra, dev)
+    done = 0
+    progress.start(len(todo), "computing projections")
+
+    def written(fut: Future[Any], t: Target) -> None:
+        nonlocal done
+        entry = fut.result()
+        if entry.degenerate:
+            degenerate.append(entry.weight)
+        done += 1
+        progress.advance(1, rb.info(t.weight).nbytes + ra.info(t.weight).nbytes)
+
+    try:
+        # Entries are written on their own thread (file, fsync, rename, manifest) while the
+        # next projector is computed; at most one write is pending.
+        with (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="safelora-writer") as wx,
+            contextlib.closing(stream.stream(todo, dtype=dtype)) as it,
+        ):
+            pending: tuple[Future[Any], Target] | None = None
+            for t, pr in zip(todo, it, strict=True):
+                if pending is not None:
+                    written(*pending)
+                pending = (wx.submit(cache.put, pr), t)
+                del pr
+            if pending is not None:
+                written(*pending)
+    finally:
+        progress.finish()
+    return done
 
 
 def _run(
@@ -418,38 +514,12 @@ def _run(
     created = cache.created
     read0 = rb.bytes_read + ra.bytes_read
     degenerate: list[str] = []
+    todo: list[Target] = []
     done = 0
     try:
         cache.require([(t.weight, t.fan_in_fan_out) for t in tlist if cache.has(t.weight)])
         todo = schedule([t for t in tlist if not cache.has(t.weight)])
-        stream = _PairStream(rb, ra, dev)
-        progress.start(len(todo), "computing projections")
-
-        def written(fut: Future[Any], t: Target) -> None:
-            nonlocal done
-            entry = fut.result()
-            if entry.degenerate:
-                degenerate.append(entry.weight)
-            done += 1
-            progress.advance(1, rb.info(t.weight).nbytes + ra.info(t.weight).nbytes)
-
-        try:
-            # Entries are written on their own thread (file, fsync, rename, manifest) while the
-            # next projector is computed; at most one write is pending.
-            with (
-                ThreadPoolExecutor(max_workers=1, thread_name_prefix="safelora-writer") as wx,
-                contextlib.closing(stream.stream(todo, dtype=dtype)) as it,
-            ):
-                pending: tuple[Future[Any], Target] | None = None
-                for t, pr in zip(todo, it, strict=True):
-                    if pending is not None:
-                        written(*pending)
-                    pending = (wx.submit(cache.put, pr), t)
-                    del pr
-                if pending is not None:
-                    written(*pending)
-        finally:
-            progress.finish()
+        done = _stream_into(cache, rb, ra, todo, dev, dtype, progress, degenerate)
         cache.finish()
     except (SafeLoraError, OSError):
         if created:
@@ -474,3 +544,226 @@ def _run(
         degenerate=degenerate,
         created=created,
     )
+
+
+# ----------------------------------------------------------------------------- multi-process
+
+# Rough rates for balancing ranks (only ratios matter): bytes read from disk per second, and
+# float32 matmul FLOP/s of one process on each device type.
+READ_BYTES_PER_S = 2e9
+FLOPS_PER_S = {"cpu": 5e10, "cuda": 2e13}
+
+
+def target_cost(t: Target, rb: CheckpointReader, ra: CheckpointReader, device: str) -> float:
+    """Estimated seconds to compute ``t``: both tensors read, plus the projector's FLOPs.
+
+    ``gram`` forms ``V V^T`` (``2 d_out^2 d_in`` FLOPs); ``factor`` only subtracts and scales.
+    """
+    nbytes = rb.info(t.weight).nbytes + ra.info(t.weight).nbytes
+    if t.d_out <= t.d_in:
+        flops = 2.0 * t.d_out * t.d_out * t.d_in
+    else:
+        flops = 3.0 * t.d_out * t.d_in
+    return nbytes / READ_BYTES_PER_S + flops / FLOPS_PER_S.get(device, FLOPS_PER_S["cpu"])
+
+
+def split_targets(
+    todo: Sequence[Target],
+    rb: CheckpointReader,
+    ra: CheckpointReader,
+    parts: int,
+    device: str = "cpu",
+) -> list[list[Target]]:
+    """``todo`` split into ``parts`` shares balanced by :func:`target_cost` (deterministic).
+
+    Each share keeps ``todo``'s order.
+    """
+    from safelora_cli.distributed import balance
+
+    costs = [target_cost(t, rb, ra, device) for t in todo]
+    return [[todo[i] for i in share] for share in balance(costs, parts)]
+
+
+@dataclass
+class _Share:
+    """What one rank did, sent to rank 0 (picklable)."""
+
+    rank: int
+    entries: list[dict[str, Any]]
+    degenerate: list[str]
+    bytes_read: int
+    device: str
+    failed: bool
+
+
+def _compute_distributed(
+    base: str,
+    aligned: str,
+    cache_dir: Path,
+    *,
+    adapters: Sequence[str | Path],
+    targets: str | None,
+    device: str,
+    revision_base: str | None,
+    revision_aligned: str | None,
+    progress: Progress,
+    dtype: Any,
+    dist: Dist,
+    t0: float,
+) -> ComputeSummary:
+    """compute-projections as one rank of several (docs/scale-out.md).
+
+    Every rank opens the inputs and checks them (headers only); rank 0 creates or resumes the
+    cache and splits what is missing; each rank streams only its share and writes its own
+    entry files; rank 0 then names them in the manifest. Each phase ends with
+    :meth:`Dist.agree`, so a failure on any rank fails every rank at the same point.
+    """
+    from safelora_cli.distributed import rank_device
+
+    with contextlib.ExitStack() as stack:
+        err: Exception | None = None
+        try:
+            dev = _checked_request(adapters, targets, rank_device(device, dist))
+            rb, ra, sb, sa, tlist = stack.enter_context(
+                _inputs(
+                    base, aligned, cache_dir, adapters, targets, revision_base, revision_aligned
+                )
+            )
+        except Exception as e:
+            err = e
+        dist.agree(err)
+        return _run_distributed(rb, ra, sb, sa, cache_dir, tlist, dev, progress, dtype, t0, dist)
+
+
+def _run_distributed(
+    rb: CheckpointReader,
+    ra: CheckpointReader,
+    sb: Any,
+    sa: Any,
+    cache_dir: Path,
+    tlist: list[Target],
+    dev: torch.device,
+    progress: Progress,
+    dtype: Any,
+    t0: float,
+    dist: Dist,
+) -> ComputeSummary:
+    from safelora_cli.cache import ProjectionCache, _entry_from_json
+    from safelora_cli.progress import NullProgress
+
+    by_name = {t.weight: t for t in tlist}
+    cache: ProjectionCache | None = None
+    plan: tuple[dict[str, Any], list[list[str]], bool] | None = None
+    err: Exception | None = None
+
+    def drop_created() -> None:
+        assert cache is not None
+        cache.close()
+        shutil.rmtree(cache_dir, ignore_errors=True)
+
+    # 1. Rank 0 owns the cache (lock, manifest) and splits the missing weights.
+    if dist.is_main:
+        try:
+            cache = ProjectionCache.create_or_resume(cache_dir, sb, sa, dtype=dtype)
+            cache.require([(t.weight, t.fan_in_fan_out) for t in tlist if cache.has(t.weight)])
+            todo = [t for t in tlist if not cache.has(t.weight)]
+            shares = split_targets(todo, rb, ra, dist.world_size, dev.type)
+            plan = (cache.manifest, [[t.weight for t in s] for s in shares], cache.created)
+        except Exception as e:
+            err = e
+            if cache is not None:
+                if cache.created:
+                    drop_created()
+                cache.close()
+    dist.agree(err)
+    manifest, shares, created = dist.broadcast(plan)
+    skipped = len(tlist) - sum(len(s) for s in shares)
+
+    # 2. Every rank streams its share into its own entry files.
+    mine = schedule([by_name[w] for w in shares[dist.rank]])
+    read0 = rb.bytes_read + ra.bytes_read
+    degenerate: list[str] = []
+    written: list[dict[str, Any]] = []
+    try:
+        handle = cache if dist.is_main else None
+        if handle is None:
+            handle = ProjectionCache.worker(cache_dir, manifest, rank=dist.rank)
+        _stream_into(
+            _Recording(handle, written),
+            rb,
+            ra,
+            mine,
+            dev,
+            dtype,
+            progress if dist.is_main else NullProgress(),
+            degenerate,
+        )
+    except Exception as e:
+        err = e
+    share = _Share(
+        dist.rank, written, degenerate, rb.bytes_read + ra.bytes_read - read0, str(dev), bool(err)
+    )
+    results: list[_Share] = dist.all_gather(share)
+
+    # 3. Rank 0 names the other ranks' entries (files verified) and ends the run.
+    end_err: Exception | None = None
+    if dist.is_main:
+        assert cache is not None
+        try:
+            others = [
+                _entry_from_json(d["weight"], d["entry"], cache_dir)
+                for r in results[1:]
+                for d in r.entries
+            ]
+            refused = cache.adopt(others)
+            if any(r.failed for r in results):
+                if created:
+                    drop_created()  # as a single process does: nothing left behind
+                else:
+                    cache.finish()  # every entry named is complete; the run is over
+            elif refused:
+                end_err = CacheError(
+                    f"projection cache {cache_dir}: {refused[0]} was written by another "
+                    f"process but is not there for rank 0"
+                    + (f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""),
+                    hint="the cache directory must be on storage shared by every node; run the "
+                    "same command again to compute what is missing",
+                    path=cache_dir,
+                )
+            else:
+                cache.finish()
+        except Exception as e:
+            end_err = e
+        finally:
+            cache.close()
+    dist.agree(err or end_err)
+    if dist.is_main:
+        assert cache is not None
+        cache_bytes = cache.size_bytes()
+    else:
+        cache_bytes = 0
+    devices = sorted({r.device for r in results})
+    return ComputeSummary(
+        cache_dir=cache_dir,
+        computed=sum(len(r.entries) for r in results),
+        skipped=skipped,
+        bytes_read=sum(r.bytes_read for r in results),
+        seconds=time.perf_counter() - t0,
+        cache_bytes=cache_bytes,
+        device=f"{dist.world_size} processes ({', '.join(devices)})",
+        degenerate=natural_sorted({w for r in results for w in r.degenerate}),
+        created=created,
+    )
+
+
+class _Recording:
+    """Forwards ``put`` to a cache and records each written entry (for rank 0 to adopt)."""
+
+    def __init__(self, cache: Any, out: list[dict[str, Any]]):
+        self.cache = cache
+        self.out = out
+
+    def put(self, projector: Projector) -> Any:
+        e = self.cache.put(projector)
+        self.out.append({"weight": e.weight, "entry": e.to_json()})
+        return e

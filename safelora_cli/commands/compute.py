@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -35,19 +37,54 @@ def command(
     revision_aligned: RevisionAligned = None,
     quiet: Quiet = False,
 ) -> None:
-    """Stream BASE and ALIGNED one weight pair at a time and cache one projector per target."""
+    """Stream BASE and ALIGNED one weight pair at a time and cache one projector per target.
+
+    Under accelerate launch (or torchrun) with several processes, the weights are split across
+    them (docs/scale-out.md).
+    """
     from safelora_cli.compute import compute_projections
     from safelora_cli.render import RichProgress, status
 
-    summary = compute_projections(
-        base,
-        aligned,
-        output,
-        adapters=tuple(adapter or ()),
-        targets=targets,
-        device=device,
-        revision_base=revision_base,
-        revision_aligned=revision_aligned,
-        progress=RichProgress(quiet=quiet),
-    )
-    status(summary.line(), quiet=quiet)
+    dist = _dist(device)
+    main = dist is None or dist.is_main
+    with _quiet_on_other_ranks(dist):
+        summary = compute_projections(
+            base,
+            aligned,
+            output,
+            adapters=tuple(adapter or ()),
+            targets=targets,
+            device=device,
+            revision_base=revision_base,
+            revision_aligned=revision_aligned,
+            progress=RichProgress(quiet=quiet or not main),
+            dist=dist,
+        )
+    if main:
+        status(summary.line(), quiet=quiet)
+
+
+def _dist(device: str) -> Any:
+    """The multi-process context under a launcher; None (nothing imported) otherwise."""
+    from safelora_cli.distributed import current, launched
+
+    return current(device) if launched() else None
+
+
+@contextlib.contextmanager
+def _quiet_on_other_ranks(dist: Any) -> Iterator[None]:
+    """A failure shared by every rank is printed by rank 0 only; the others exit alike."""
+    try:
+        yield
+    except Exception as exc:
+        if dist is None:
+            raise
+        from safelora_cli.distributed import quiet_exit_code
+
+        code = quiet_exit_code(exc)
+        if code is None:
+            raise
+        raise typer.Exit(code) from None
+    finally:
+        if dist is not None:
+            dist.close()

@@ -1,0 +1,215 @@
+"""Multi-process runs under ``accelerate launch`` / ``torchrun`` (issue 9; docs/scale-out.md).
+
+Single process is the default: nothing here runs, and neither torch.distributed nor accelerate
+is imported, unless a launcher started this process as one of several (``WORLD_SIZE > 1`` and
+``RANK`` in the environment, as ``accelerate launch`` and ``torchrun`` set them).
+
+Contract:
+
+- :func:`launched` ``() -> bool``: this process is one rank of a multi-process launch (env only;
+  imports nothing).
+- :func:`current` ``(device="auto") -> Dist | None``: ``None`` without a launcher; otherwise the
+  process group, set up once through accelerate's ``PartialState`` (gloo on CPU, NCCL on CUDA:
+  ``device="cpu"`` or a machine without CUDA selects gloo). The group's timeout is
+  ``SAFELORA_DIST_TIMEOUT`` seconds (default 24 h): a rank whose share takes longer than the
+  others waits in the next collective, and must not be cut off by torch's default 10-30 min.
+- :class:`Dist`: ``rank``, ``world_size``, ``local_rank``, ``device`` (``PartialState().device``:
+  ``cuda:<local_rank>`` on a GPU node, ``cpu`` otherwise), ``is_main``; the collectives
+  :meth:`Dist.all_gather`, :meth:`Dist.broadcast` and :meth:`Dist.agree` (every rank calls each
+  one at the same point, or the run hangs: library code calls them outside any ``try`` whose
+  failure would skip them on one rank only).
+- :meth:`Dist.agree` ``(error)``: every rank reports its failure of the phase (or ``None``); if
+  any failed, every rank raises. Rank 0 raises its own exception when it failed first, otherwise
+  a :class:`RankError` carrying the lowest failing rank's message, hint and exit code; the other
+  ranks raise a :class:`RankError` too, which the CLI ends silently with that exit code
+  (:func:`quiet_exit_code`), so the message is printed once and every rank exits alike.
+- :func:`balance` ``(costs, parts) -> list[list[int]]``: greedy LPT split of item indices into
+  ``parts`` lists of about equal total cost; deterministic (ties by index, then by part).
+- :func:`rank_device` ``(spec, dist) -> str``: the ``--device`` a rank uses: ``auto`` (and
+  ``cuda`` on a CUDA node) become that rank's own device; ``cpu`` and ``cuda:N`` are honoured.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from safelora_cli.errors import EXIT_ERROR, SafeLoraError
+
+if TYPE_CHECKING:
+    import torch
+
+DEFAULT_TIMEOUT_S = 24 * 3600
+
+
+def launched() -> bool:
+    """True when a launcher started this process as one rank of several (env only)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+    except ValueError:
+        return False
+
+
+class RankError(SafeLoraError):
+    """A rank of a multi-process run failed; carries that rank's message, hint and exit code."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        hint: str | None = None,
+        exit_code: int = EXIT_ERROR,
+        rank: int = 0,
+        quiet: bool = False,
+    ):
+        super().__init__(message, hint=hint)
+        self.exit_code = exit_code
+        self.rank = rank
+        # True on ranks other than 0: the message is printed by rank 0 only.
+        self.quiet = quiet
+
+
+def quiet_exit_code(exc: BaseException) -> int | None:
+    """The exit code a non-zero rank ends with, silently, for ``exc``; None: report it."""
+    if isinstance(exc, RankError) and exc.quiet:
+        return exc.exit_code
+    return None
+
+
+def _describe(exc: BaseException) -> tuple[str, str | None, int]:
+    """``(message, hint, exit code)`` of a failure, picklable, as the CLI would show it."""
+    if isinstance(exc, SafeLoraError):
+        lines = exc.lines()
+        return lines[0], (lines[1] if len(lines) > 1 else None), exc.exit_code
+    if isinstance(exc, OSError):
+        what = exc.strerror or str(exc) or type(exc).__name__
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{what}{where}", "Check the paths and free disk space, then run again.", EXIT_ERROR
+    return (
+        f"internal error: {type(exc).__name__}: {exc}",
+        "A bug in safelora: rerun with SAFELORA_DEBUG=1 and report the traceback.",
+        EXIT_ERROR,
+    )
+
+
+@dataclass
+class Dist:
+    """This process's place in a multi-process run (see the module docstring)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+        import torch.distributed as td
+
+        out: list[Any] = [None] * self.world_size
+        td.all_gather_object(out, obj)
+        return out
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank."""
+        import torch.distributed as td
+
+        box = [obj if self.is_main else None]
+        td.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        self.all_gather(None)
+
+    def close(self) -> None:
+        """Tear the process group down (every rank, after its last collective).
+
+        Leaving it to interpreter exit can abort the process (gloo threads still running).
+        """
+        import torch.distributed as td
+
+        if td.is_initialized():
+            td.destroy_process_group()
+        _CURRENT.clear()
+
+    def agree(self, error: BaseException | None) -> None:
+        """Raise on every rank if ``error`` is not None on any rank (module docstring)."""
+        mine = None if error is None else _describe(error)
+        reports = self.all_gather(mine)
+        failed = [(r, d) for r, d in enumerate(reports) if d is not None]
+        if not failed:
+            return
+        rank, (message, hint, code) = failed[0]
+        if self.is_main and rank == 0 and error is not None:
+            raise error
+        if self.world_size > 1 and rank != 0:
+            message = f"rank {rank} of {self.world_size}: {message}"
+        raise RankError(
+            message, hint=hint, exit_code=code, rank=rank, quiet=not self.is_main
+        ) from (error if rank == self.rank else None)
+
+
+_CURRENT: list[Dist] = []
+
+
+def current(device: str | None = "auto") -> Dist | None:
+    """The multi-process context, or None when no launcher started this process (no imports)."""
+    if not launched():
+        return None
+    if _CURRENT:
+        return _CURRENT[0]
+    from datetime import timedelta
+
+    import torch
+    from accelerate import PartialState
+
+    spec = (device or "auto").strip().lower()
+    cpu = spec == "cpu" or not torch.cuda.is_available()
+    try:
+        timeout = float(os.environ.get("SAFELORA_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
+    except ValueError:
+        timeout = DEFAULT_TIMEOUT_S
+    state = PartialState(cpu=cpu, timeout=timedelta(seconds=timeout))
+    d = Dist(
+        rank=int(state.process_index),
+        world_size=int(state.num_processes),
+        local_rank=int(state.local_process_index),
+        device=state.device,
+    )
+    _CURRENT.append(d)
+    return d
+
+
+def rank_device(spec: str | None, dist: Dist | None) -> str:
+    """The ``--device`` this rank uses (module docstring)."""
+    s = (spec or "auto").strip().lower()
+    if dist is None:
+        return spec or "auto"
+    if s == "auto" or (s == "cuda" and dist.device.type == "cuda"):
+        if dist.device.type == "cuda":
+            return f"cuda:{dist.device.index or 0}"
+        return "cpu"  # PartialState says "cpu:0"; --device spells it "cpu"
+    return spec or "auto"
+
+
+def balance(costs: Sequence[float], parts: int) -> list[list[int]]:
+    """Split item indices into ``parts`` lists of about equal total cost (greedy LPT).
+
+    Items go in decreasing cost (ties: lower index first) to the least loaded part (ties: lower
+    part first), which is within 4/3 of the best split. Each list is in increasing index order.
+    """
+    if parts < 1:
+        raise ValueError("parts must be >= 1")
+    heap = [(0.0, p) for p in range(parts)]
+    out: list[list[int]] = [[] for _ in range(parts)]
+    for i in sorted(range(len(costs)), key=lambda i: (-float(costs[i]), i)):
+        load, p = heapq.heappop(heap)
+        out[p].append(i)
+        heapq.heappush(heap, (load + float(costs[i]), p))
+    return [sorted(x) for x in out]
