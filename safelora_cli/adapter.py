@@ -201,12 +201,24 @@ class Adapter:
         return self.reader.load(key, dtype=dtype)
 
     def load_a(self, m: LoraModule, *, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """lora_A of ``m``: ``[rank, d_in]``."""
-        return self.load(m.key_a, dtype=dtype)
+        """lora_A of ``m``: ``[rank, d_in]``; AdapterError if it holds NaN or Inf."""
+        return self._finite(m.key_a, self.load(m.key_a, dtype=dtype))
 
     def load_b(self, m: LoraModule, *, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """lora_B of ``m``: ``[d_out, rank]``."""
-        return self.load(m.key_b, dtype=dtype)
+        """lora_B of ``m``: ``[d_out, rank]``; AdapterError if it holds NaN or Inf."""
+        return self._finite(m.key_b, self.load(m.key_b, dtype=dtype))
+
+    def _finite(self, key: str, t: torch.Tensor) -> torch.Tensor:
+        # A diverged or corrupt LoRA factor has no cosine and no meaningful projection.
+        import torch
+
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise AdapterError(
+                f"adapter: {self.weights_path}: {key} contains NaN or Inf",
+                hint="the training diverged or the file is corrupt; retrain or re-save the adapter",
+                path=self.weights_path,
+            )
+        return t
 
     def close(self) -> None:
         """Close the weights file (the adapter can no longer load tensors)."""

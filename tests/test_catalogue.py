@@ -522,6 +522,35 @@ def _(w: World, mp: Any) -> list[str]:
     return patch_p(w)
 
 
+@case("adapter-nan-in-lora-B", must=("v_proj", "NaN"))
+def _(w: World, mp: Any) -> list[str]:
+    key = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+
+    def poison(t: dict[str, torch.Tensor]) -> None:
+        t[key][2, 1] = float("nan")
+
+    edit_tensors(w.adapter / "adapter_model.safetensors", poison)
+    return patch_p(w)
+
+
+@case("adapter-inf-in-lora-A-inspect", must=("q_proj", "Inf"))
+def _(w: World, mp: Any) -> list[str]:
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+
+    def poison(t: dict[str, torch.Tensor]) -> None:
+        t[key][0, 3] = float("-inf")
+
+    edit_tensors(w.adapter / "adapter_model.safetensors", poison)
+    return ["inspect", str(w.adapter), "-p", str(w.cache), "--json"]
+
+
+@case("adapter-nan-with-save-projections", must=("v_proj", "NaN"))
+def _(w: World, mp: Any) -> list[str]:
+    key = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+    edit_tensors(w.adapter / "adapter_model.safetensors", lambda t: t[key].fill_(float("nan")))
+    return [*patch_stream(w, w.base, w.aligned), "--save-projections", str(w.new_cache)]
+
+
 @case("adapter-garbage-weights", must=("adapter_model.safetensors",))
 def _(w: World, mp: Any) -> list[str]:
     (w.adapter / "adapter_model.safetensors").write_bytes(os.urandom(300))
