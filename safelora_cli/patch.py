@@ -62,6 +62,7 @@ from safelora_cli.selection import Selection
 
 if TYPE_CHECKING:
     from safelora_cli.adapter import Adapter, LoraModule
+    from safelora_cli.distributed import Dist
     from safelora_cli.progress import Progress
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -92,13 +93,33 @@ def patch_adapters(
     revision_aligned: str | None = None,
     save_projections: Path | None = None,
     progress: Progress | None = None,
+    dist: Dist | None = None,
 ) -> list[AdapterReport]:
     """Patch ``adapters`` into ``output`` (see the module docstring for every rule).
 
     Raises UsageError (bad flag combination, duplicate names), SourceError/AdapterError/
     CheckpointError/CacheError (inputs), OutputError (output rules); nothing is written then.
+    ``dist`` (:func:`safelora_cli.distributed.current`): split the adapters across the ranks
+    of a multi-process launch (:func:`_patch_distributed`); every rank returns every report.
     """
     selection = selection or Selection.from_flags(None, None, None)
+    if dist is not None and dist.world_size > 1:
+        return _patch_distributed(
+            adapters,
+            Path(output),
+            projections=projections,
+            base=base,
+            aligned=aligned,
+            selection=selection,
+            device=device,
+            dry_run=dry_run,
+            force=force,
+            revision_base=revision_base,
+            revision_aligned=revision_aligned,
+            save_projections=save_projections,
+            progress=progress,
+            dist=dist,
+        )
     _check_flags(
         adapters,
         projections,
@@ -623,7 +644,18 @@ def write_outputs(scored: Sequence[ScoredAdapter], plan: OutputPlan) -> None:
 
 def _commit(staged: Sequence[tuple[Path, Path]]) -> None:
     """Rename each staged directory onto its target; roll every rename back on failure."""
-    done: list[tuple[Path, Path | None]] = []  # (target, moved-aside original)
+    _drop_old(_publish(staged))
+
+
+_Done = list[tuple[Path, Path | None]]  # (target, moved-aside original)
+
+
+def _publish(staged: Sequence[tuple[Path, Path]]) -> _Done:
+    """Rename each staged directory onto its target, originals moved aside (kept).
+
+    On failure the renames already done are rolled back before the error propagates.
+    """
+    done: _Done = []
     try:
         for target, d in staged:
             old = None
@@ -640,10 +672,203 @@ def _commit(staged: Sequence[tuple[Path, Path]]) -> None:
             done.append((target, old))
             _fsync_dir(target.parent)
     except BaseException:
-        for target, old in reversed(done):
-            _rmtree(target)
-            if old is not None:
-                os.rename(old, target)
+        _rollback(done)
         raise
+    return done
+
+
+def _rollback(done: _Done) -> None:
+    """Undo :func:`_publish`: new adapters removed, moved-aside originals put back."""
+    for target, old in reversed(done):
+        _rmtree(target)
+        if old is not None:
+            os.rename(old, target)
+
+
+def _drop_old(done: _Done) -> None:
     for _, old in done:
         _rmtree(old)
+
+
+# ----------------------------------------------------------------------------- multi-process
+
+
+def _adapter_cost(ad: Adapter) -> float:
+    """Estimated seconds to patch ``ad``: its weights read and written, plus every ``C B``."""
+    from safelora_cli.compute import FLOPS_PER_S, READ_BYTES_PER_S
+
+    try:
+        nbytes = ad.weights_path.stat().st_size
+    except OSError:
+        nbytes = 0
+    flops = sum(2.0 * m.d_out * m.d_out * m.rank for m in ad.modules)
+    return 2 * nbytes / READ_BYTES_PER_S + flops / FLOPS_PER_S["cpu"]
+
+
+def _patch_distributed(
+    adapters: Sequence[str],
+    output: Path,
+    *,
+    projections: Path | None,
+    base: str | None,
+    aligned: str | None,
+    selection: Selection,
+    device: str,
+    dry_run: bool,
+    force: bool,
+    revision_base: str | None,
+    revision_aligned: str | None,
+    save_projections: Path | None,
+    progress: Progress | None,
+    dist: Dist,
+) -> list[AdapterReport]:
+    """patch as one rank of several (docs/scale-out.md).
+
+    Every rank reads every adapter's header and applies the output rules (cheap, identical on
+    all); the adapters are split by :func:`_adapter_cost`; each rank scores its own, reading
+    only the projectors they need; :meth:`Dist.agree` makes a failure anywhere fail every rank
+    before anything is written. Then :func:`_write_distributed`. Reports are gathered in
+    argument order.
+    """
+    from safelora_cli.distributed import balance, rank_device
+
+    loaded: list[Adapter] = []
+    scored: list[ScoredAdapter] = []
+    mine: list[int] = []
+    plan: OutputPlan | None = None
+    err: Exception | None = None
+    try:
+        try:
+            _check_flags(
+                adapters,
+                projections,
+                base,
+                aligned,
+                revision_base,
+                revision_aligned,
+                save_projections,
+                dry_run,
+            )
+            if save_projections is not None:
+                raise UsageError(
+                    "--save-projections runs in one process only (several would write one cache).",
+                    hint="Build the cache with compute-projections (it scales out too), then "
+                    "patch -p CACHE.",
+                )
+            loaded = _load_all(adapters)
+            plan = plan_outputs(loaded, output, force=force)
+            mine = balance([_adapter_cost(ad) for ad in loaded], dist.world_size)[dist.rank]
+            if mine:
+                subset = [loaded[i] for i in mine]
+                with _projector_source(
+                    subset,
+                    adapters,
+                    projections=projections,
+                    base=base,
+                    aligned=aligned,
+                    device=rank_device(device, dist),
+                    revision_base=revision_base,
+                    revision_aligned=revision_aligned,
+                    save_projections=None,
+                ) as (source, weight_for, sources):
+                    scored = score_adapters(
+                        subset,
+                        source,
+                        selection,
+                        weight_for=weight_for,
+                        progress=progress if dist.is_main else None,
+                    )
+                for sa, i in zip(scored, mine, strict=True):
+                    sa.report.output = str(plan.targets[i])
+                    sa.report.sources = sources
+                    sa.report.dry_run = dry_run
+        except Exception as e:
+            err = e
+        dist.agree(err)
+        assert plan is not None
+        if not dry_run:
+            _write_distributed(scored, mine, plan, dist)
+        parts = dist.all_gather([(i, sa.report) for i, sa in zip(mine, scored, strict=True)])
+        reports: list[Any] = [None] * len(loaded)
+        for part in parts:
+            for i, report in part:
+                reports[i] = report
+        return reports
+    finally:
+        for ad in loaded:
+            ad.close()
+
+
+def _write_distributed(
+    scored: Sequence[ScoredAdapter], mine: Sequence[int], plan: OutputPlan, dist: Dist
+) -> None:
+    """Each rank writes its adapters; all-or-nothing across ranks as far as renames allow.
+
+    1. Rank 0 creates the output's missing parents and, for a batch into a new ``output``, one
+       staging tree that every rank writes into.
+    2. Every rank stages its adapters (in that tree, or beside each target). Any failure: every
+       staged directory is removed, nothing was published.
+    3. A new batch ``output``: rank 0 renames the tree into place (one rename: all or nothing).
+       Otherwise (``--force`` into an existing ``output``, or one adapter) every rank renames its
+       targets, originals moved aside; any failure rolls back every rank's renames; success
+       drops the originals. A rank *killed* between its renames and the others' leaves some
+       adapters new and some old (each one whole), with the originals of the replaced ones in
+       hidden ``.<name>.safelora-old-*`` directories beside them.
+    """
+    created: list[Path] = []
+    tree: Path | None = None
+    staged: list[tuple[Path, Path]] = []
+    done: _Done = []
+    err: Exception | None = None
+
+    def undo() -> None:
+        _rollback(done)
+        for _, d in staged:
+            _rmtree(d)
+        if dist.is_main:
+            _rmtree(tree)
+            for p in reversed(created):
+                with contextlib.suppress(OSError):
+                    p.rmdir()
+
+    if dist.is_main:
+        try:
+            for p in reversed(plan.root.parents):
+                if not p.exists():
+                    p.mkdir()
+                    created.append(p)
+            if plan.batch and not plan.root.exists():
+                tree = _mkdtemp(plan.root, _TMP)
+        except Exception as e:
+            err = e
+    try:
+        dist.agree(err)
+        tree = dist.broadcast(tree)
+        try:
+            for sa, i in zip(scored, mine, strict=True):
+                target = plan.targets[i]
+                if tree is not None:
+                    d = tree / target.name
+                    d.mkdir()
+                else:
+                    d = _mkdtemp(target, _TMP)
+                staged.append((target, d))
+                write_adapter_dir(sa, d)
+            if tree is not None and staged:
+                _fsync_dir(tree)
+        except Exception as e:
+            err = e
+        dist.agree(err)
+        try:
+            if tree is not None:
+                if dist.is_main:
+                    done = _publish([(plan.root, tree)])
+            else:
+                done = _publish(staged)
+        except Exception as e:
+            err = e
+        dist.agree(err)
+    except BaseException:
+        undo()
+        raise
+    _drop_old(done)

@@ -55,30 +55,38 @@ def command(
 
     With one ADAPTER, OUT is the new adapter directory; with several, OUT is a parent and each
     lands in OUT/<adapter directory name>. Nothing is written unless every adapter succeeds.
+    Under accelerate launch with several processes the adapters are split across them.
     """
     import json
     import sys
 
+    from safelora_cli.commands.compute import _dist, _quiet_on_other_ranks
     from safelora_cli.patch import patch_adapters
     from safelora_cli.render import RichProgress
     from safelora_cli.selection import Selection
 
     selection = Selection.from_flags(num_layers, threshold, fraction)
-    reports = patch_adapters(
-        adapters,
-        output,
-        projections=projections,
-        base=base,
-        aligned=aligned,
-        selection=selection,
-        device=device,
-        dry_run=dry_run,
-        force=force,
-        revision_base=revision_base,
-        revision_aligned=revision_aligned,
-        save_projections=save_projections,
-        progress=RichProgress(quiet=quiet),
-    )
+    dist = _dist(device)
+    main = dist is None or dist.is_main
+    with _quiet_on_other_ranks(dist):
+        reports = patch_adapters(
+            adapters,
+            output,
+            projections=projections,
+            base=base,
+            aligned=aligned,
+            selection=selection,
+            device=device,
+            dry_run=dry_run,
+            force=force,
+            revision_base=revision_base,
+            revision_aligned=revision_aligned,
+            save_projections=save_projections,
+            progress=RichProgress(quiet=quiet or not main),
+            dist=dist,
+        )
+    if not main:
+        return  # rank 0 prints every adapter's result, in argument order
     if json_out:
         for rep in reports:
             sys.stdout.write(json.dumps(rep.to_json(), allow_nan=False) + "\n")
