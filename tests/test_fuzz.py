@@ -532,3 +532,75 @@ def test_huge_json_files_are_refused_unread(tmp_path: Path, valid: dict[str, Any
         f.truncate(MAX_JSON_BYTES * 50)
     with allocation_bound(), pytest.raises(SafeLoraError, match=re.escape("adapter_config.json")):
         load_adapter(str(d))
+
+
+# ----------------------------------------------------------------------------- command lines
+
+
+@pytest.fixture(scope="module")
+def cli_world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from safelora_cli.compute import compute_projections
+
+    root = tmp_path_factory.mktemp("fuzz-cli")
+    pair = factory.make_pair(root, layers=1, hidden=8, intermediate=12, heads=2, kv_heads=1)
+    adapter = factory.write_adapter(root / "adapter", base=pair.base, r=2)
+    compute_projections(
+        str(pair.base_dir), str(pair.aligned_dir), root / "cache", targets="re:proj"
+    )
+    return {
+        "root": root,
+        "base": pair.base_dir,
+        "aligned": pair.aligned_dir,
+        "adapter": adapter,
+        "cache": root / "cache",
+    }
+
+
+FLAGS = [
+    "-o", "-p", "--base", "--aligned", "-k", "-t", "-f", "--device", "--force", "--dry-run",
+    "--json", "-q", "--targets", "-a", "--top", "--sort", "--fail-below", "--revision-base",
+    "--save-projections", "--help", "--version",
+]  # fmt: skip
+VALUES = [
+    "0", "-1", "3", "0.5", "1e309", "nan", "-inf", "abc", "", "cpu", "cuda:1", "auto",
+    "layer", "cosine", "q_proj", "re:(", "org/name", "main", "10000000000000000000000",
+]  # fmt: skip
+
+
+@settings(
+    max_examples=_LONG or 60,
+    deadline=None,
+    derandomize=not _LONG,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(
+    command=st.sampled_from(["patch", "inspect", "compute-projections"]),
+    tokens=st.lists(
+        st.one_of(
+            st.sampled_from(FLAGS),
+            st.sampled_from(VALUES),
+            st.sampled_from(["ADAPTER", "CACHE", "BASE", "ALIGNED", "OUT", "OUT"]),
+        ),
+        max_size=10,
+    ),
+)
+def test_command_line_soup(cli_world: dict[str, Path], command: str, tokens: list[str]) -> None:
+    """Random flag/value/path mixtures: exit 0-3, never a traceback or an internal error."""
+    from typer.testing import CliRunner
+
+    from safelora_cli.cli import app
+
+    with scratch() as d:
+        paths = {
+            "ADAPTER": str(cli_world["adapter"]),
+            "CACHE": str(cli_world["cache"]),
+            "BASE": str(cli_world["base"]),
+            "ALIGNED": str(cli_world["aligned"]),
+            "OUT": str(d / "out"),
+        }
+        argv = [command, *(paths.get(t, t) for t in tokens)]
+        r = CliRunner().invoke(app, argv)
+    assert r.exception is None or isinstance(r.exception, SystemExit), (argv, r.exception)
+    assert r.exit_code in (0, 1, 2, 3), (argv, r.exit_code, r.stderr)
+    assert "internal error" not in r.stderr and "Traceback" not in r.stderr, (argv, r.stderr)
