@@ -430,6 +430,47 @@ def _(w: World, mp: Any) -> list[str]:
     return patch_p(w, adapter=Path("nobody/no-such-adapter"))
 
 
+def cache_repo(repo_id: str, src: Path, *, skip: tuple[str, ...] = ()) -> Path:
+    """Lay ``src`` out in the (test's own, empty) HF cache as huggingface_hub does."""
+    commit = "c0ffee" * 6 + "c0ff"
+    repo = Path(os.environ["HF_HUB_CACHE"]) / ("models--" + repo_id.replace("/", "--"))
+    snap = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    snap.mkdir(parents=True)
+    for f in sorted(src.iterdir()):
+        if f.name not in skip:
+            blob = repo / "blobs" / f"{commit[:8]}-{f.name}"
+            shutil.copyfile(f, blob)
+            (snap / f.name).symlink_to(Path("../../blobs") / blob.name)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return snap
+
+
+@case("hub-needed-shard-not-cached-offline", must=("org/sharded", "HF_HUB_OFFLINE"))
+def _(w: World, mp: Any) -> list[str]:
+    # Index and config cached, but the shard holding layer 0's q_proj is not.
+    shard = _index(w)["weight_map"][Q_WEIGHT]
+    cache_repo("org/sharded", w.sharded, skip=(shard,))
+    return compute(w, "org/sharded", w.aligned)
+
+
+@case("hub-revision-not-cached-offline", must=("org/cached", "v9"))
+def _(w: World, mp: Any) -> list[str]:
+    cache_repo("org/cached", w.base)
+    return compute(w, "org/cached", w.aligned, "--revision-base", "v9")
+
+
+@case("hub-repo-with-only-pickles", must=("org/pickles", "safetensors"))
+def _(w: World, mp: Any) -> list[str]:
+    d = w.root / "pickles"
+    d.mkdir()
+    evil_pickle(d / "pytorch_model.bin", w.root / "PWNED")
+    (d / "config.json").write_text('{"model_type": "llama"}')
+    cache_repo("org/pickles", d)
+    return compute(w, "org/pickles", w.aligned)
+
+
 # -- adapters ------------------------------------------------------------------------------------
 
 
