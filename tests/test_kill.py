@@ -237,6 +237,9 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     compute_projections(
         str(pair.base_dir), str(pair.aligned_dir), root / "cache", adapters=[adapter]
     )
+    compute_projections(
+        str(pair.base_dir), str(pair.aligned_dir), root / "cache_q", targets="q_proj"
+    )
     # An earlier output (another selection) for --force to replace.
     prev = root / "previous"
     r = CliRunner().invoke(
@@ -250,6 +253,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "adapter": adapter,
         "adapter2": adapter2,
         "cache": root / "cache",
+        "cache_q": root / "cache_q",
         "previous": prev,
     }
 
@@ -277,6 +281,25 @@ def killed(inputs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) ->
             "sweep": ["os.replace", "os.fsync"],
             "when": {"os.fsync": ["before"]},
             "max_points": 3,
+        },
+        # Extending an existing, complete cache (q_proj) with more weights.
+        "extend": {
+            "argv": [
+                "compute-projections",
+                str(inputs["base"]),
+                str(inputs["aligned"]),
+                "-o",
+                "{OUT}",
+                "--targets",
+                "q_proj,down_proj",
+                "--device",
+                "cpu",
+                "--quiet",
+            ],
+            "sweep": ["os.replace"],
+            "when": {},
+            "max_points": 3,
+            "prepare_from": str(inputs["cache_q"]),
         },
         "patch": {
             "argv": ["patch", adapter, "-p", cache, "-o", "{OUT}", "-q"],
@@ -357,6 +380,30 @@ def test_killed_compute_leaves_a_resumable_or_refused_cache(killed: dict[str, An
     assert kills >= 6
 
 
+def test_killed_extension_keeps_the_cache_resumable(killed: dict[str, Any]) -> None:
+    res = killed["extend"]
+    ref = res["reference"]
+    assert ref["code"] == 0, log_of(ref["dir"])
+    ref_tree = tree(Path(ref["dir"]) / "out")
+    assert len(ref_tree) == 5
+    kills = 0
+    for r in res["runs"]:
+        where = f"{r['target']} #{r['n']} {r['when']}"
+        if r["killed"]["signal"] is None:
+            continue
+        kills += 1
+        out = Path(r["snap"]) / "out"
+        # The cache never disappears and never loses the entries it had.
+        assert out.is_dir(), where
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert all(w.endswith("q_proj.weight") or "down_proj" in w for w in manifest["weights"])
+        assert sum(w.endswith("q_proj.weight") for w in manifest["weights"]) == 2, where
+        _check_killed_cache(out, ref_tree, where)
+        assert r["rerun"]["code"] == 0, (where, log_of(r["dir"], "log2"))
+        assert tree(Path(r["dir"]) / "out") == ref_tree, where
+    assert kills >= 4
+
+
 def _check_killed_cache(out: Path, ref_tree: dict[str, str], where: str) -> None:
     manifest = json.loads((out / "manifest.json").read_text())
     named = {e["file"] for e in manifest["weights"].values()}
@@ -370,7 +417,10 @@ def _check_killed_cache(out: Path, ref_tree: dict[str, str], where: str) -> None
         assert hashlib.sha256(p.read_bytes()).hexdigest() == ref_tree[p.name], (where, p.name)
     assert named <= {p.name for p in out.iterdir()}, where
     if manifest["state"] == "complete":
-        assert tree(out) == ref_tree, where
+        # Complete: the finished cache, or (extending a cache) the one it was before; either
+        # way usable as it is.
+        with ProjectionCache.open(out) as cache:
+            assert set(cache.weights()) == set(manifest["weights"]), where
     else:
         assert manifest["state"] == "in_progress", where
         with pytest.raises(CacheError, match="incomplete"):
