@@ -28,6 +28,12 @@ Contract:
   same command resumes it. A run that fails with an input error (e.g. NaN in a delta) removes
   a cache directory it created itself, and leaves an existing cache with the entries it had
   plus any completed in this run (all valid), marked complete.
+- Several processes (``dist=``, under ``accelerate launch`` / ``torchrun``; docs/scale-out.md):
+  rank 0 creates or resumes the cache and splits the missing weights by :func:`target_cost`
+  (:func:`split_targets`); each rank streams its share and writes its own entry files (other
+  ranks through :meth:`ProjectionCache.worker`); rank 0 then adopts the verified entries into
+  the one manifest. The cache is byte-identical to a single-process run. A failure on any rank
+  fails every rank; the cache then ends as after a failed single-process run.
 - :func:`parse_device` ``(spec) -> torch.device``: ``auto|cpu|cuda|cuda:N``; UsageError for a
   malformed or unavailable device.
 - :class:`StreamingProjectorSource` ``(base_reader, aligned_reader, *, device="cpu")``: a
@@ -742,7 +748,7 @@ def _run_distributed(
         cache_bytes = cache.size_bytes()
     else:
         cache_bytes = 0
-    devices = sorted({r.device for r in results})
+    kinds = sorted({r.device.split(":")[0] for r in results})
     return ComputeSummary(
         cache_dir=cache_dir,
         computed=sum(len(r.entries) for r in results),
@@ -750,7 +756,7 @@ def _run_distributed(
         bytes_read=sum(r.bytes_read for r in results),
         seconds=time.perf_counter() - t0,
         cache_bytes=cache_bytes,
-        device=f"{dist.world_size} processes ({', '.join(devices)})",
+        device=f"{dist.world_size} processes ({', '.join(kinds)})",
         degenerate=natural_sorted({w for r in results for w in r.degenerate}),
         created=created,
     )

@@ -39,6 +39,12 @@
   no timestamp anywhere: the same inputs give byte-identical output directories.
 - ``dry_run``: everything up to the writes (including the output checks); nothing written.
 
+- Several processes (``dist=``, under ``accelerate launch`` / ``torchrun``; docs/scale-out.md):
+  every rank applies the output rules to every adapter; the adapters are split by
+  :func:`_adapter_cost`; each rank scores its own (reading only their projectors); any failure
+  fails every rank before a byte is written; :func:`_write_distributed` publishes them. Outputs
+  are byte-identical to a single-process run.
+
 Returns one :class:`~safelora_cli.scoring.AdapterReport` per adapter, in argument order.
 """
 
