@@ -410,3 +410,147 @@ def test_save_projections_is_refused_under_several_ranks(tmp_path: Path) -> None
         d1.agree(None)
     assert info.value.quiet and info.value.exit_code == 2
     shutil.rmtree(tmp_path / "a")
+
+
+# ----------------------------------------------------------------------------- in-process ranks
+
+
+class _Group:
+    """Collectives between threads: a stand-in for a process group (same call pattern)."""
+
+    def __init__(self, n: int) -> None:
+        import threading
+
+        self.barrier = threading.Barrier(n, timeout=60)
+        self.slots: list[Any] = [None] * n
+
+
+def _thread_ranks(n: int) -> list[Any]:
+    from safelora_cli.distributed import Dist
+
+    group = _Group(n)
+
+    class ThreadDist(Dist):
+        def all_gather(self, obj: Any) -> list[Any]:
+            group.barrier.wait()
+            group.slots[self.rank] = obj
+            group.barrier.wait()
+            out = list(group.slots)
+            group.barrier.wait()
+            return out
+
+        def broadcast(self, obj: Any) -> Any:
+            return self.all_gather(obj)[0]
+
+    return [ThreadDist(r, n, r, torch.device("cpu")) for r in range(n)]
+
+
+def _run_ranks(fn: Any, n: int = 2) -> list[Any]:
+    """``fn(dist)`` on ``n`` threads; returns each rank's result or exception."""
+    import threading
+
+    ranks = _thread_ranks(n)
+    out: list[Any] = [None] * n
+
+    def body(d: Any) -> None:
+        try:
+            out[d.rank] = fn(d)
+        except BaseException as e:
+            out[d.rank] = e
+
+    threads = [threading.Thread(target=body, args=(d,), name=f"rank{d.rank}") for d in ranks]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return out
+
+
+def test_each_rank_reads_only_the_entries_its_adapters_need(
+    case: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from safelora_cli.adapter import load_adapter
+    from safelora_cli.patch import _adapter_cost, patch_adapters
+
+    cache = tmp_path / "cache"
+    compute_projections(str(case["base"]), str(case["aligned"]), cache, targets=ALL, device="cpu")
+    adapters = [str(case[k]) for k in ("a1", "a2", "a3")]
+    reads: dict[int, set[str]] = {}
+    real_get = ProjectionCache.get
+
+    def spy(self: ProjectionCache, weight: str, **kw: Any) -> Any:
+        reads.setdefault(id(self), set()).add(weight)
+        return real_get(self, weight, **kw)
+
+    out = tmp_path / "out"
+    patch_adapters(adapters, out, projections=cache, device="cpu")  # one process
+    first = tree(out)
+    shutil.rmtree(out)
+
+    monkeypatch.setattr(ProjectionCache, "get", spy)
+    results = _run_ranks(
+        lambda d: patch_adapters(adapters, out, projections=cache, device="cpu", dist=d)
+    )
+    assert all(isinstance(r, list) for r in results), results
+    assert tree(out) == first  # the same bytes as one process
+    # Every rank returns every report, in argument order.
+    assert [r.adapter for r in results[0]] == adapters
+    assert [r.to_json() for r in results[1]] == [r.to_json() for r in results[0]]
+
+    loaded = [load_adapter(a) for a in adapters]
+    shares = balance([_adapter_cost(ad) for ad in loaded], 2)
+    need = [
+        {f"{m}.weight" for i in share for m in factory.adapter_modules(adapters[i])}
+        for share in shares
+    ]
+    for ad in loaded:
+        ad.close()
+    assert all(need) and need[0] != need[1]
+    assert sorted(map(sorted, reads.values())) == sorted(map(sorted, need))
+
+
+def test_a_failed_rename_on_one_rank_rolls_back_every_rank(
+    case: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--force into an existing batch: rank 0 published, rank 1 could not; all old again."""
+    import threading
+
+    from safelora_cli.patch import patch_adapters
+
+    cache = tmp_path / "cache"
+    compute_projections(str(case["base"]), str(case["aligned"]), cache, targets=ALL, device="cpu")
+    adapters = [str(case[k]) for k in ("a1", "a2", "a3")]
+    out = tmp_path / "out"
+    patch_adapters(adapters, out, projections=cache, device="cpu")  # the old batch (-k 10)
+    old = tree(out)
+
+    real_rename = os.rename
+
+    def rename(src: Any, dst: Any) -> None:
+        if threading.current_thread().name == "rank1" and ".safelora-tmp-" in str(src):
+            raise OSError(5, "Input/output error", str(dst))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    from safelora_cli.selection import Selection
+
+    results = _run_ranks(
+        lambda d: patch_adapters(
+            adapters,
+            out,
+            projections=cache,
+            device="cpu",
+            force=True,
+            selection=Selection.from_flags(1, None, None),
+            dist=d,
+        )
+    )
+    from safelora_cli.distributed import RankError
+
+    # Both ranks fail with rank 1's error; only rank 0's is to be printed.
+    assert all(isinstance(r, RankError) for r in results), results
+    assert [r.quiet for r in results] == [False, True]
+    assert "rank 1 of 2: Input/output error" in str(results[0])
+    assert isinstance(results[1].__cause__, OSError)
+    assert tree(out) == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "out"]
