@@ -7,7 +7,8 @@ to a single-process run into the same paths. A failure on rank 1 only (a NaN in 
 weight of rank 1's share; a write error injected by the test's own wrapper script) must fail the
 whole run: one error message, every rank exits non-zero, no manifest names a file that was
 never written, no partial output. Journals of a killed multi-process run are exercised
-in-process (no launcher needed).
+in-process (no launcher needed), and so are the per-rank reads and the cross-rank rollback of
+patch: ranks as threads whose collectives are barriers (the same code path as a process group).
 """
 
 from __future__ import annotations
