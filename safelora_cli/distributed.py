@@ -23,6 +23,8 @@ Contract:
   a :class:`RankError` carrying the lowest failing rank's message, hint and exit code; the other
   ranks raise a :class:`RankError` too, which the CLI ends silently with that exit code
   (:func:`quiet_exit_code`), so the message is printed once and every rank exits alike.
+- :func:`agreed` ``(dist, fn) -> fn()``: ``fn`` run on every rank as one agreed phase (argument
+  checks before the first collective), or just ``fn()`` without ``dist``.
 - :func:`balance` ``(costs, parts) -> list[list[int]]``: greedy LPT split of item indices into
   ``parts`` lists of about equal total cost; deterministic (ties by index, then by part).
 - :func:`rank_device` ``(spec, dist) -> str``: the ``--device`` a rank uses: ``auto`` (and
@@ -33,9 +35,9 @@ from __future__ import annotations
 
 import heapq
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from safelora_cli.errors import EXIT_ERROR, SafeLoraError
 
@@ -156,6 +158,25 @@ class Dist:
 
 
 _CURRENT: list[Dist] = []
+T = TypeVar("T")
+
+
+def agreed(dist: Dist | None, fn: Callable[[], T]) -> T:
+    """``fn()`` on every rank; a failure on any rank fails every rank (:meth:`Dist.agree`).
+
+    Without ``dist`` this is just ``fn()``. For checks run before the first collective (argument
+    validation), so that their error is printed once too.
+    """
+    if dist is None:
+        return fn()
+    err: Exception | None = None
+    out: Any = None
+    try:
+        out = fn()
+    except Exception as e:
+        err = e
+    dist.agree(err)
+    return out
 
 
 def current(device: str | None = "auto") -> Dist | None:

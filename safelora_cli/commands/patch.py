@@ -65,10 +65,12 @@ def command(
     from safelora_cli.render import RichProgress
     from safelora_cli.selection import Selection
 
-    selection = Selection.from_flags(num_layers, threshold, fraction)
     dist = _dist(device)
     main = dist is None or dist.is_main
     with _quiet_on_other_ranks(dist):
+        from safelora_cli.distributed import agreed
+
+        selection = agreed(dist, lambda: Selection.from_flags(num_layers, threshold, fraction))
         reports = patch_adapters(
             adapters,
             output,
