@@ -555,3 +555,56 @@ def test_a_failed_rename_on_one_rank_rolls_back_every_rank(
     assert isinstance(results[1].__cause__, OSError)
     assert tree(out) == old
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "out"]
+
+
+KILL_WRAPPER = r"""
+import os, signal, sys
+
+from safelora_cli.cache import ProjectionCache
+
+real = ProjectionCache.put
+count = [0]
+
+
+def put(self, projector):
+    entry = real(self, projector)
+    count[0] += 1
+    if os.environ.get("RANK") == "1" and count[0] == 2:
+        os.kill(os.getpid(), signal.SIGKILL)  # rank 1 dies after its second entry
+    return entry
+
+
+ProjectionCache.put = put
+from safelora_cli.cli import main
+
+sys.argv[0] = "safelora"
+main()
+"""
+
+
+@needs_launcher
+def test_killed_rank_leaves_a_cache_the_same_command_resumes(tmp_path: Path) -> None:
+    pair = factory.make_pair(tmp_path, layers=2)
+    base, aligned = str(pair.base_dir), str(pair.aligned_dir)
+    ref = tmp_path / "ref"
+    compute_projections(base, aligned, ref, targets=ALL, device="cpu")
+    script = tmp_path / "kill.py"
+    script.write_text(KILL_WRAPPER)
+    cache = tmp_path / "cache"
+    argv = ["compute-projections", base, aligned, "-o", str(cache), "--targets", ALL]
+
+    r = launch(argv, script=script)
+    assert r.returncode != 0
+    m = json.loads((cache / MANIFEST).read_text())
+    assert m["state"] == "in_progress"
+    with pytest.raises(Exception, match="incomplete"):
+        ProjectionCache.open(cache)  # patch -p / inspect -p refuse it
+    journal = json.loads((cache / ".journal-1.json").read_text())["weights"]
+    assert len(journal) == 2  # rank 1's two entries, not in the manifest
+    assert not set(journal) & set(m["weights"])
+    for w, e in [*m["weights"].items(), *journal.items()]:
+        assert (cache / e["file"]).is_file(), w
+
+    s = compute_projections(base, aligned, cache, targets=ALL, device="cpu")
+    assert s.skipped == len(m["weights"]) + 2  # nothing finished is computed again
+    assert tree(cache) == tree(ref)
