@@ -286,6 +286,15 @@ def test_python_names_in_docs_exist(page: Path) -> None:
     assert not undocumented, f"{_rel(page)} points readers to {undocumented}: no docstring"
 
 
+def test_index_links_every_page() -> None:
+    """docs/index.md reaches every page, and README.md reaches the index."""
+    index = (DOCS / "index.md").read_text(encoding="utf-8")
+    linked = {t.split("#", 1)[0] for t in re.findall(r"\]\(([^)\s]+)\)", index)}
+    pages = {p.name for p in DOCS.glob("*.md")} - {"index.md"}
+    assert not pages - linked, f"docs/index.md does not link {sorted(pages - linked)}"
+    assert "docs/index.md" in (ROOT / "README.md").read_text(encoding="utf-8")
+
+
 def test_make_targets_in_docs_exist() -> None:
     """Every ``make TARGET`` a page shows is a target of the Makefile."""
     makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
