@@ -52,6 +52,11 @@ def install_stacked() -> None:
     from safelora_cli import patch as patch_mod
     from safelora_cli import scoring
 
+    if not all(hasattr(scoring, n) for n in ("_score_module", "_default_weight")):
+        raise SystemExit(
+            "the stacked prototype no longer fits safelora_cli/scoring.py (it changed); "
+            "run with --variants current passive"
+        )
     orig_score, orig_module = scoring.score_adapters, scoring._score_module
     state: dict = {}
 

@@ -149,3 +149,36 @@ def test_run_all_toy_end_to_end(tmp_path: Path) -> None:
     assert "old figures" not in text
     for heading in ("### Goals", "### Each pair", "### Cost against depth", "### `patch`"):
         assert heading in text and heading in p.stdout
+
+
+def test_gpu_script_runs_on_cpu(tmp_path: Path) -> None:
+    """The prepared GPU script (no device here): its timers hook compute-projections and it
+    reports a read-wait share and throughputs that add up."""
+    p = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "gpu_bench.py"),
+            "--width",
+            "128",
+            "--layers",
+            "2",
+            "--vocab",
+            "64",
+            "--device",
+            "cpu",
+            "--no-drop",
+            "--work",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(p.stdout)
+    cp = res["compute_projections"]
+    assert res["weights"] == 4 and res["page_cache"].startswith("warm")
+    assert cp["bytes_read"] == res["sequential_read"]["bytes"] == 4 * 2 * 128 * 128 * 2
+    assert 0 < cp["wait_for_reads_s"] <= cp["wall_s"] and 0 < cp["wait_share"] <= 1
+    assert cp["prefetch_read_s"] > 0
