@@ -411,7 +411,7 @@ def _inputs(
     revision_aligned: str | None,
 ) -> Iterator[tuple[CheckpointReader, CheckpointReader, Any, Any, list[Target]]]:
     """Open both models, resolve the targets and check (headers only) those not yet cached."""
-    from safelora_cli.adapter import load_adapter
+    from safelora_cli.adapter import load_adapter, orient_for_base
     from safelora_cli.sources import open_model
 
     loaded = []
@@ -434,6 +434,9 @@ def _inputs(
             return [n for n in wanted if n in have]
 
         rb, sb = open_model(base, revision=revision_base, label="base model", want=want_base)
+        # Orientation as PEFT decides it, from the base's layer classes (as patch does): a
+        # Conv1D adapter that mis-declares fan_in_fan_out must be cached the way patch asks.
+        orient_for_base(loaded, (sb.config or {}).get("model_type"))
         with contextlib.ExitStack() as stack:
             stack.callback(rb.close)
             ra, sa = open_model(
