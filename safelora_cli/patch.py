@@ -138,7 +138,8 @@ def patch_adapters(
     )
     loaded = _load_all(adapters)
     try:
-        plan = plan_outputs(loaded, Path(output), force=force)
+        others = _other_inputs(projections, base, aligned, save_projections)
+        plan = plan_outputs(loaded, Path(output), force=force, others=others)
         with _projector_source(
             loaded,
             adapters,
@@ -418,8 +419,109 @@ def _looks_replaceable(p: Path) -> bool:
     )
 
 
-def plan_outputs(loaded: Sequence[Adapter], output: Path, *, force: bool) -> OutputPlan:
-    """Apply the output rules (module docstring); OutputError / UsageError when broken."""
+def _other_inputs(
+    projections: Path | None,
+    base: str | None,
+    aligned: str | None,
+    save_projections: Path | None,
+) -> list[tuple[str, Path]]:
+    """The non-adapter inputs (and the --save-projections cache) the output must stay out of."""
+    out: list[tuple[str, Path]] = []
+    for label, arg in (
+        ("projection cache", projections),
+        ("base model", base),
+        ("aligned model", aligned),
+    ):
+        if arg is not None and Path(arg).expanduser().exists():
+            out.append((label, Path(arg).expanduser().resolve()))
+    if save_projections is not None:
+        out.append(("--save-projections cache", Path(os.path.abspath(save_projections)).resolve()))
+    return out
+
+
+def _check_parents(root: Path, staging: Path) -> None:
+    """OutputError unless the nearest existing ancestor of ``staging`` is a writable directory."""
+    anc = staging
+    while not (anc.exists() or anc.is_symlink()) and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise OutputError(
+            f"output {root}: {anc} is a file, not a directory.",
+            hint="Choose an -o whose parent directories are directories.",
+            path=root,
+        )
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise OutputError(
+            f"output {root}: cannot write in {anc} (permission denied).",
+            hint="Choose a location you can write to (-o), or fix the permissions.",
+            path=root,
+        )
+
+
+def check_links(src: Path) -> None:
+    """AdapterError for links the copy must not follow: out of the adapter, or to directories.
+
+    Every file of the adapter directory is copied into the new adapter; a symlinked extra file
+    (README, tokenizer, ...) that resolves outside the directory would copy a file the adapter
+    does not contain (a Hub snapshot's links into its ``blobs`` stay inside: see
+    ``reader.containment_root``). The config and weights are read as the adapter itself and may
+    link anywhere. Directory links are refused: they can loop.
+    """
+    from safelora_cli.reader import containment_root
+
+    src = Path(src)
+    if not src.is_dir():
+        return
+    bound = containment_root(src.resolve()).resolve()
+    own = {CONFIG_NAME, WEIGHTS_NAME, LEGACY_NAME}
+    hint = "Replace the link by the file itself or remove it: patch copies every file."
+
+    def walk(d: Path) -> None:
+        for entry in sorted(d.iterdir()):
+            if entry.name in NOT_COPIED:
+                continue
+            rel = entry.relative_to(src)
+            if entry.is_symlink():
+                try:
+                    target = entry.resolve(strict=True)
+                except (OSError, RuntimeError):
+                    raise AdapterError(
+                        f"adapter {src}: {rel} is a broken or looping symlink.",
+                        hint=hint,
+                        path=entry,
+                    ) from None
+                if target.is_dir():
+                    raise AdapterError(
+                        f"adapter {src}: {rel} is a symlink to a directory ({target}).",
+                        hint=hint,
+                        path=entry,
+                    )
+                if d == src and entry.name in own:
+                    continue
+                if not target.is_relative_to(bound):
+                    raise AdapterError(
+                        f"adapter {src}: {rel} links to {target}, outside the adapter directory.",
+                        hint=hint,
+                        path=entry,
+                    )
+            elif entry.is_dir():
+                walk(entry)
+
+    walk(src)
+
+
+def plan_outputs(
+    loaded: Sequence[Adapter],
+    output: Path,
+    *,
+    force: bool,
+    others: Sequence[tuple[str, Path]] = (),
+) -> OutputPlan:
+    """Apply the output rules (module docstring); OutputError / UsageError when broken.
+
+    ``others``: further inputs as (label, resolved path) (the cache, local base/aligned models,
+    the --save-projections cache) that no output may equal, contain or lie inside.
+    """
     root = Path(os.path.abspath(output)).resolve()
     batch = len(loaded) > 1
     if batch:
@@ -436,15 +538,18 @@ def plan_outputs(loaded: Sequence[Adapter], output: Path, *, force: bool) -> Out
         targets = [root / _output_name(ad) for ad in loaded]
     else:
         targets = [root]
-    for ad in loaded:
-        src = ad.path.resolve()
+    inputs = [("input adapter", ad.path.resolve()) for ad in loaded] + list(others)
+    for label, src in inputs:
         for t in [root, *targets]:
             if _related(t, src):
                 raise OutputError(
-                    f"output {t} {'is' if t == src else 'overlaps'} the input adapter {src}.",
+                    f"output {t} {'is' if t == src else 'overlaps'} the {label} {src}.",
                     hint="Choose an output directory outside every input (-o).",
                     path=t,
                 )
+    for ad in loaded:
+        check_links(ad.path)
+    _check_parents(root, root if batch and root.is_dir() else root.parent)
     if root.exists() or root.is_symlink():
         if not force:
             raise OutputError(
@@ -762,7 +867,8 @@ def _patch_distributed(
                     "patch -p CACHE.",
                 )
             loaded = _load_all(adapters)
-            plan = plan_outputs(loaded, output, force=force)
+            others = _other_inputs(projections, base, aligned, save_projections)
+            plan = plan_outputs(loaded, output, force=force, others=others)
             mine = balance([_adapter_cost(ad) for ad in loaded], dist.world_size)[dist.rank]
             if mine:
                 subset = [loaded[i] for i in mine]
