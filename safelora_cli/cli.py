@@ -162,6 +162,10 @@ _register()
 
 def main() -> None:
     """Console-script entry point."""
+    # Set before torch (and its OpenMP runtime) loads: with a prefetch or writer thread beside
+    # the main one, spinning OpenMP workers made each small torch call 10-100x slower on 2 cores
+    # (bench/patch_bench.py). A user's own setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         app(prog_name="safelora")
     finally:
