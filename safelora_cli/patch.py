@@ -160,7 +160,13 @@ def patch_adapters(
                 s.report.dry_run = dry_run
             if not dry_run:
                 # Inside the source's context: a failed write also undoes --save-projections.
-                write_outputs(scored, plan)
+                try:
+                    write_outputs(scored, plan)
+                except OSError as e:
+                    if e.filename is not None:
+                        raise
+                    # A full disk (fsync/write) names no file: say which output failed.
+                    raise OSError(e.errno, e.strerror or str(e), str(plan.root)) from e
         return [s.report for s in scored]
     finally:
         for ad in loaded:
