@@ -719,7 +719,41 @@ def write_adapter_dir(s: ScoredAdapter, dest: Path) -> None:
 
 
 def _mkdtemp(beside: Path, tag: str) -> Path:
-    return Path(tempfile.mkdtemp(prefix=f".{beside.name}{tag}", dir=beside.parent))
+    # The pid in the name lets a later run tell a killed run's leftovers from a live run's.
+    return Path(tempfile.mkdtemp(prefix=f".{beside.name}{tag}{os.getpid()}-", dir=beside.parent))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def clean_stale(target: Path) -> None:
+    """Remove what killed runs left beside ``target`` (hidden ``.<name>.safelora-*`` dirs).
+
+    Only directories whose creating process is gone: a live run's staging is left alone. A
+    moved-aside original (``-old-``) is removed only when ``target`` exists again; otherwise it
+    may be the only copy of the previous output, and it stays.
+    """
+    parent = target.parent
+    if not parent.is_dir():
+        return
+    for tag in (_TMP, _OLD):
+        prefix = f".{target.name}{tag}"
+        for q in parent.iterdir():
+            if not q.name.startswith(prefix) or not q.is_dir() or q.is_symlink():
+                continue
+            pid = q.name[len(prefix) :].split("-", 1)[0]
+            if not pid.isdigit() or _pid_alive(int(pid)):
+                continue
+            if tag == _OLD and not (target.exists() or target.is_symlink()):
+                continue
+            _rmtree(q)
 
 
 def _rmtree(p: Path | None) -> None:
@@ -729,6 +763,8 @@ def _rmtree(p: Path | None) -> None:
 
 def write_outputs(scored: Sequence[ScoredAdapter], plan: OutputPlan) -> None:
     """Stage every adapter, then move them all into place; all-or-nothing (module docstring)."""
+    for t in {plan.root, *plan.targets}:
+        clean_stale(t)
     created: list[Path] = []  # parents this run created, removed again on failure
     for p in reversed(plan.root.parents):
         if not p.exists():
