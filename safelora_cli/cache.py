@@ -59,7 +59,13 @@ from safelora_cli import __version__
 from safelora_cli.errors import CacheError, CheckpointError
 from safelora_cli.naming import natural_key, natural_sorted
 from safelora_cli.projector import KINDS, PROJECTOR_KIND, Projector, prefetched, stored_shape
-from safelora_cli.reader import DTYPE_SIZES, CheckpointReader, dtype_code, torch_dtype
+from safelora_cli.reader import (
+    DTYPE_SIZES,
+    MAX_JSON_BYTES,
+    CheckpointReader,
+    dtype_code,
+    torch_dtype,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -304,6 +310,10 @@ class ProjectionCache:
                 path=path,
             )
         try:
+            size = mp.stat().st_size
+            if size > MAX_JSON_BYTES:
+                # Read whole below; a real manifest is kilobytes (bounded before allocating).
+                raise _corrupt(mp, f"{MANIFEST} is {size} bytes, more than {MAX_JSON_BYTES}")
             m = json.loads(mp.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
             raise _corrupt(mp, f"{MANIFEST} is unreadable ({e})") from None

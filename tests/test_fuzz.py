@@ -517,7 +517,7 @@ def test_deep_json_in_config_and_manifest_is_refused(tmp_path: Path, cache_dir: 
 
 
 def test_huge_json_files_are_refused_unread(tmp_path: Path, valid: dict[str, Any]) -> None:
-    """A multi-gigabyte index or config (sparse file) is refused by size, not read."""
+    """A multi-gigabyte index, config or manifest (sparse file) is refused by size, unread."""
     from safelora_cli.reader import MAX_JSON_BYTES
 
     m = tmp_path / "m"
@@ -532,6 +532,12 @@ def test_huge_json_files_are_refused_unread(tmp_path: Path, valid: dict[str, Any
         f.truncate(MAX_JSON_BYTES * 50)
     with allocation_bound(), pytest.raises(SafeLoraError, match=re.escape("adapter_config.json")):
         load_adapter(str(d))
+    c = tmp_path / "cache"
+    c.mkdir()
+    with open(c / "manifest.json", "wb") as f:
+        f.truncate(MAX_JSON_BYTES * 50)
+    with allocation_bound(), pytest.raises(SafeLoraError, match=re.escape("manifest.json")):
+        ProjectionCache.open(c)
 
 
 # ----------------------------------------------------------------------------- command lines
