@@ -50,6 +50,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,6 +209,43 @@ def _write_atomic(
     if sync_dir:
         _fsync_dir(path.parent)
     return n
+
+
+def _make_parents(p: Path) -> None:
+    """Create ``p``'s missing parents; CacheError when one of them is a file."""
+    anc = p.parent
+    while not (anc.exists() or anc.is_symlink()) and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise CacheError(
+            f"cache path {p}: {anc} is a file, not a directory",
+            hint="choose an -o whose parent directories are directories",
+            path=p,
+        )
+    p.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _clean_stale_tmp(p: Path) -> None:
+    """Remove ``.tmp-<name>-<pid>`` siblings that killed runs left while creating ``p``.
+
+    Only those whose process is gone (a live run may be creating it right now); they hold
+    nothing but an in-progress manifest with no entries.
+    """
+    prefix = f"{_TMP_PREFIX}{p.name}-"
+    with contextlib.suppress(OSError):
+        for q in p.parent.iterdir():
+            pid = q.name[len(prefix) :]
+            if not q.name.startswith(prefix) or not pid.isdigit() or q.is_symlink():
+                continue
+            try:
+                os.kill(int(pid), 0)
+                continue  # alive (or someone else's): not ours to remove
+            except ProcessLookupError:
+                pass
+            except OSError:
+                continue
+            if q.is_dir():
+                shutil.rmtree(q, ignore_errors=True)
 
 
 def _safetensors_chunks(
@@ -440,7 +478,8 @@ class ProjectionCache:
         }
         # Built in a temporary sibling and renamed, so the directory appears with its
         # in-progress manifest already in place.
-        p.parent.mkdir(parents=True, exist_ok=True)
+        _make_parents(p)
+        _clean_stale_tmp(p)
         tmp = p.with_name(f"{_TMP_PREFIX}{p.name}-{os.getpid()}")
         try:
             tmp.mkdir()
