@@ -530,7 +530,7 @@ def _run(
         todo = schedule([t for t in tlist if not cache.has(t.weight)])
         done = _stream_into(cache, rb, ra, todo, dev, dtype, progress, degenerate)
         cache.finish()
-    except (SafeLoraError, OSError):
+    except (SafeLoraError, OSError) as e:
         if created:
             # A cache this run created and could not finish: remove it (nothing left behind).
             cache.close()
@@ -539,6 +539,9 @@ def _run(
             # Every entry the manifest names is complete; the run is over, so say so.
             with contextlib.suppress(SafeLoraError, OSError):
                 cache.finish()
+        if isinstance(e, OSError) and e.filename is None:
+            # A full disk (write/fsync) names no file: say which cache failed.
+            raise OSError(e.errno, e.strerror or str(e), str(cache_dir)) from e
         raise
     finally:
         cache.close()
