@@ -53,6 +53,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -718,9 +719,18 @@ def write_adapter_dir(s: ScoredAdapter, dest: Path) -> None:
     _fsync_dir(dest)
 
 
+def _host() -> str:
+    """This machine's name, safe in a file name (temporaries of other hosts are never touched)."""
+    import socket
+
+    return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname() or "host")[:64]
+
+
 def _mkdtemp(beside: Path, tag: str) -> Path:
-    # The pid in the name lets a later run tell a killed run's leftovers from a live run's.
-    return Path(tempfile.mkdtemp(prefix=f".{beside.name}{tag}{os.getpid()}-", dir=beside.parent))
+    # Host and pid in the name let a later run tell a killed run's leftovers from a live run's
+    # (on a shared file system, another machine's pids mean nothing here).
+    prefix = f".{beside.name}{tag}{_host()}-{os.getpid()}-"
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=beside.parent))
 
 
 def _pid_alive(pid: int) -> bool:
@@ -736,15 +746,15 @@ def _pid_alive(pid: int) -> bool:
 def clean_stale(target: Path) -> None:
     """Remove what killed runs left beside ``target`` (hidden ``.<name>.safelora-*`` dirs).
 
-    Only directories whose creating process is gone: a live run's staging is left alone. A
-    moved-aside original (``-old-``) is removed only when ``target`` exists again; otherwise it
-    may be the only copy of the previous output, and it stays.
+    Only directories this host created whose process is gone: a live run's staging (or another
+    machine's) is left alone. A moved-aside original (``-old-``) is removed only when ``target``
+    exists again; otherwise it may be the only copy of the previous output, and it stays.
     """
     parent = target.parent
     if not parent.is_dir():
         return
     for tag in (_TMP, _OLD):
-        prefix = f".{target.name}{tag}"
+        prefix = f".{target.name}{tag}{_host()}-"
         for q in parent.iterdir():
             if not q.name.startswith(prefix) or not q.is_dir() or q.is_symlink():
                 continue
