@@ -225,13 +225,21 @@ def _make_parents(p: Path) -> None:
     p.parent.mkdir(parents=True, exist_ok=True)
 
 
-def _clean_stale_tmp(p: Path) -> None:
-    """Remove ``.tmp-<name>-<pid>`` siblings that killed runs left while creating ``p``.
+def _host() -> str:
+    """This machine's name, safe in a file name."""
+    import socket
 
-    Only those whose process is gone (a live run may be creating it right now); they hold
-    nothing but an in-progress manifest with no entries.
+    return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname() or "host")[:64]
+
+
+def _clean_stale_tmp(p: Path) -> None:
+    """Remove ``.tmp-<name>-<host>-<pid>`` siblings that killed runs left while creating ``p``.
+
+    Only this host's, and only those whose process is gone (a live run, here or on another
+    machine sharing the file system, may be creating it right now); they hold nothing but an
+    in-progress manifest with no entries.
     """
-    prefix = f"{_TMP_PREFIX}{p.name}-"
+    prefix = f"{_TMP_PREFIX}{p.name}-{_host()}-"
     with contextlib.suppress(OSError):
         for q in p.parent.iterdir():
             pid = q.name[len(prefix) :]
@@ -480,7 +488,7 @@ class ProjectionCache:
         # in-progress manifest already in place.
         _make_parents(p)
         _clean_stale_tmp(p)
-        tmp = p.with_name(f"{_TMP_PREFIX}{p.name}-{os.getpid()}")
+        tmp = p.with_name(f"{_TMP_PREFIX}{p.name}-{_host()}-{os.getpid()}")
         try:
             tmp.mkdir()
             _write_atomic(tmp / MANIFEST, [_dumps(manifest)])
