@@ -492,3 +492,43 @@ def test_killed_forced_replacement_keeps_old_or_new(
     res = killed["force"]
     assert res["reference"]["counts"]["os.rename"] >= 2  # old aside, new in place
     assert _check_patch_runs(res, old=tree(inputs["previous"])) >= 3
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_only_this_hosts_dead_runs_are_cleaned(tmp_path: Path) -> None:
+    """Stale-temporary cleanup never touches a live run's or another machine's staging."""
+    from safelora_cli import cache as cache_mod
+    from safelora_cli import patch as patch_mod
+
+    host, dead, live = patch_mod._host(), _dead_pid(), os.getpid()
+    target = tmp_path / "out"
+    names = {
+        f".out.safelora-tmp-{host}-{dead}-abc": False,  # killed here: removed
+        f".out.safelora-tmp-{host}-{live}-abc": True,  # running here: kept
+        f".out.safelora-tmp-otherhost-{dead}-abc": True,  # another machine's: kept
+        f".out.safelora-old-{host}-{dead}-abc": True,  # the only copy while out is absent
+        ".out.safelora-tmp-abc": True,  # not ours to judge
+    }
+    for n in names:
+        (tmp_path / n).mkdir()
+    patch_mod.clean_stale(target)
+    assert {n: (tmp_path / n).exists() for n in names} == names
+    target.mkdir()  # the output exists again: the moved-aside original can go
+    patch_mod.clean_stale(target)
+    assert not (tmp_path / f".out.safelora-old-{host}-{dead}-abc").exists()
+
+    cache = tmp_path / "cache"
+    tmps = {
+        f".tmp-cache-{host}-{dead}": False,
+        f".tmp-cache-{host}-{live}": True,
+        f".tmp-cache-otherhost-{dead}": True,
+    }
+    for n in tmps:
+        (tmp_path / n).mkdir()
+    cache_mod._clean_stale_tmp(cache)
+    assert {n: (tmp_path / n).exists() for n in tmps} == tmps
