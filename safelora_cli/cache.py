@@ -58,6 +58,7 @@ from typing import TYPE_CHECKING, Any
 
 from safelora_cli import __version__
 from safelora_cli.errors import CacheError, CheckpointError
+from safelora_cli.fsio import fsync_dir
 from safelora_cli.naming import natural_key, natural_sorted
 from safelora_cli.projector import KINDS, PROJECTOR_KIND, Projector, prefetched, stored_shape
 from safelora_cli.reader import (
@@ -174,15 +175,6 @@ def _dumps(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n").encode()
 
 
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _write_atomic(
     path: Path, chunks: Iterable[bytes | memoryview], *, sync_dir: bool = True
 ) -> int:
@@ -207,7 +199,7 @@ def _write_atomic(
             tmp.unlink()
         raise
     if sync_dir:
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     return n
 
 
@@ -500,7 +492,7 @@ class ProjectionCache:
                 (tmp / MANIFEST).unlink()
                 tmp.rmdir()
             raise
-        _fsync_dir(p.parent)
+        fsync_dir(p.parent)
         cache = cls(p, manifest, {}, writable=True, device=device, lock_fd=cls._lock(p))
         cache.created = True
         return cache
@@ -591,7 +583,7 @@ class ProjectionCache:
                 q.unlink()
                 gone = True
         if gone:
-            _fsync_dir(self.path)
+            fsync_dir(self.path)
 
     def _journal_entries(self) -> list[CacheEntry]:
         """Entries recorded in journals of a killed multi-process run (damaged ones skipped)."""

@@ -64,6 +64,7 @@ from typing import TYPE_CHECKING, Any
 
 from safelora_cli import __version__
 from safelora_cli.errors import AdapterError, OutputError, SafeLoraError, UsageError
+from safelora_cli.fsio import fsync_dir
 from safelora_cli.scoring import AdapterReport, ScoredAdapter, score_adapters
 from safelora_cli.selection import Selection
 
@@ -584,15 +585,6 @@ def plan_outputs(
 # ----------------------------------------------------------------------------- writing
 
 
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _tensor_bytes(t: Any) -> bytes:
     """Little-endian bytes of a CPU tensor (the safetensors data layout)."""
     import sys
@@ -702,7 +694,7 @@ def _copy_tree(src: Path, dest: Path, skip: set[str]) -> None:
                 fo.flush()
                 os.fsync(fo.fileno())
             shutil.copymode(entry, target)
-    _fsync_dir(dest)
+    fsync_dir(dest)
 
 
 def write_adapter_dir(s: ScoredAdapter, dest: Path) -> None:
@@ -716,7 +708,7 @@ def write_adapter_dir(s: ScoredAdapter, dest: Path) -> None:
         f.write(report)
         f.flush()
         os.fsync(f.fileno())
-    _fsync_dir(dest)
+    fsync_dir(dest)
 
 
 def _host() -> str:
@@ -789,7 +781,7 @@ def write_outputs(scored: Sequence[ScoredAdapter], plan: OutputPlan) -> None:
                 d = tree / t.name
                 d.mkdir()
                 write_adapter_dir(s, d)
-            _fsync_dir(tree)
+            fsync_dir(tree)
         else:
             for s, t in zip(scored, plan.targets, strict=True):
                 d = _mkdtemp(t, _TMP)
@@ -833,7 +825,7 @@ def _publish(staged: Sequence[tuple[Path, Path]]) -> _Done:
                     os.rename(old, target)
                 raise
             done.append((target, old))
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
     except BaseException:
         _rollback(done)
         raise
@@ -1019,7 +1011,7 @@ def _write_distributed(
                 staged.append((target, d))
                 write_adapter_dir(sa, d)
             if tree is not None and staged:
-                _fsync_dir(tree)
+                fsync_dir(tree)
         except Exception as e:
             err = e
         dist.agree(err)
