@@ -160,7 +160,8 @@ def main() -> None:
         "(each with safelora_report.json)"
     )
     if not ok:
-        print("Some steps did not succeed (see above): those subcommands are still missing.")
+        print("Some steps failed (see above).", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
