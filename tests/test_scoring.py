@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 
+from safelora_cli.adapter import LoraModule
 from safelora_cli.naming import natural_sorted
 from safelora_cli.scoring import (
     cosine_from_traces,
@@ -62,25 +63,6 @@ def oracle_select(cos: dict[str, float | None], mode: str, value: float) -> set[
 # ----------------------------------------------------------------------------- fakes
 
 
-@dataclass(frozen=True)
-class FakeModule:
-    name: str
-    key_a: str
-    key_b: str
-    rank: int
-    alpha: float
-    scale: float
-    fan_in_fan_out: bool
-    d_out: int
-    d_in: int
-    dtype: str
-    note: str | None = None
-
-    @property
-    def weight_name(self) -> str:
-        return f"{self.name}.weight"
-
-
 @dataclass
 class FakeSource:
     arg: str
@@ -100,7 +82,7 @@ CODES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 class FakeAdapter:
     path: Path
     tensors: dict[str, torch.Tensor]
-    modules: list[FakeModule]
+    modules: list[LoraModule]
     skipped: list[FakeSkipped] = field(default_factory=list)
     loads: int = 0
 
@@ -113,10 +95,10 @@ class FakeAdapter:
         t = self.tensors[key].clone()
         return t if dtype is None else t.to(dtype)
 
-    def load_a(self, m: FakeModule, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def load_a(self, m: LoraModule, *, dtype: torch.dtype | None = None) -> torch.Tensor:
         return self.load(m.key_a, dtype=dtype)
 
-    def load_b(self, m: FakeModule, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def load_b(self, m: LoraModule, *, dtype: torch.dtype | None = None) -> torch.Tensor:
         return self.load(m.key_b, dtype=dtype)
 
 
@@ -140,7 +122,7 @@ def make_adapter(
         b = torch.randn(d_out, r, generator=g).to(dtype)
         tensors[kb] = torch.zeros_like(b) if name in zero_b else b
         modules.append(
-            FakeModule(name, ka, kb, r, alpha, alpha / r, False, d_out, d_in, CODES[dtype])
+            LoraModule(name, ka, kb, r, alpha, alpha / r, False, d_out, d_in, CODES[dtype])
         )
     return FakeAdapter(Path(path), tensors, modules)
 
