@@ -51,7 +51,7 @@ import os
 import re
 import shlex
 import shutil
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -176,13 +176,18 @@ def _dumps(obj: Any) -> bytes:
 
 
 def _write_atomic(
-    path: Path, chunks: Iterable[bytes | memoryview], *, sync_dir: bool = True
+    path: Path,
+    chunks: Iterable[bytes | memoryview],
+    *,
+    sync_dir: bool = True,
+    written: Callable[[], None] | None = None,
 ) -> int:
     """Write ``chunks`` to a temporary sibling, fsync, rename over ``path``. Returns bytes.
 
     ``sync_dir=False`` leaves the directory fsync to a later write in the same directory (an
     entry file's rename is made durable by the manifest write that follows it; a resumed run
-    also drops entries whose file did not survive).
+    also drops entries whose file did not survive). ``written`` is called once every chunk is
+    in the kernel's hands, before the fsync (the chunks' memory may be reused from then on).
     """
     tmp = path.with_name(f"{_TMP_PREFIX}{path.name}")
     n = 0
@@ -192,6 +197,8 @@ def _write_atomic(
                 fh.write(c)
                 n += len(c) if isinstance(c, bytes) else c.nbytes
             fh.flush()
+            if written is not None:
+                written()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -201,6 +208,19 @@ def _write_atomic(
     if sync_dir:
         fsync_dir(path.parent)
     return n
+
+
+def _once(fn: Callable[[], None] | None) -> Callable[[], None]:
+    """``fn`` callable any number of times, run on the first call only (None: a no-op)."""
+    done = fn is None
+
+    def call() -> None:
+        nonlocal done
+        if not done:
+            done = True
+            fn()  # type: ignore[misc]
+
+    return call
 
 
 def _make_parents(p: Path) -> None:
@@ -758,12 +778,22 @@ class ProjectionCache:
         self._manifest["weights"] = {w: e.to_json() for w, e in ordered}
         _write_atomic(self.path / MANIFEST, [_dumps(self._manifest)])
 
-    def put(self, projector: Projector) -> CacheEntry:
+    def put(self, projector: Projector, *, written: Callable[[], None] | None = None) -> CacheEntry:
         """Write one entry (file first, then the manifest naming it); returns the entry.
 
         The tensor is cast to the cache dtype and brought to the CPU. Replaces an existing
         entry of the same weight. Marks the cache in progress until :meth:`finish`.
+        ``written`` is called once the tensor's bytes are written, before the fsyncs: from
+        then on ``put`` does not read the tensor again, so its memory may be reused (the
+        compute stream hands the buffer to the next weight). It is called on failure too.
         """
+        once = _once(written)
+        try:
+            return self._put(projector, once)
+        finally:
+            once()
+
+    def _put(self, projector: Projector, written: Callable[[], None]) -> CacheEntry:
         self._need_writable()
         pr = projector
         want = stored_shape(pr.kind, pr.d_out, pr.d_in)
@@ -788,7 +818,8 @@ class ProjectionCache:
         if self._journal is None and self._manifest["state"] != IN_PROGRESS:
             self._manifest["state"] = IN_PROGRESS
             self._write_manifest()
-        _write_atomic(self.path / file, _safetensors_chunks(pr.weight, t, meta), sync_dir=False)
+        chunks = _safetensors_chunks(pr.weight, t, meta)
+        _write_atomic(self.path / file, chunks, sync_dir=False, written=written)
         e = CacheEntry(
             pr.weight,
             file,

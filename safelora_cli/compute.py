@@ -45,6 +45,7 @@ Contract:
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import shutil
 import sys
@@ -69,6 +70,7 @@ from safelora_cli.targets import FLOAT_CODES, Target, names_for, resolve_targets
 if TYPE_CHECKING:
     import torch
 
+    from safelora_cli.buffers import BufferPool
     from safelora_cli.distributed import Dist
     from safelora_cli.progress import Progress
     from safelora_cli.reader import CheckpointReader
@@ -219,31 +221,73 @@ _Item = tuple[Any, ...]
 class _PairStream:
     """Reads weight pairs on a background thread and turns them into projectors.
 
-    ``load`` (prefetch thread): both tensors read once. On CPU it also forms the float32 delta
-    (:func:`alignment_delta_serial`: on that thread only, no second OpenMP team fighting the
-    main thread's matmul), so the pair's memory is released before it is handed over. On CUDA
-    the pair goes into pinned host memory instead.
+    ``load`` (prefetch thread): both tensors read once. On CPU they are read into one buffer of
+    ``pool`` (two when they are wider than 16 bits) and turned into the float32 delta, in a
+    second buffer, by :func:`alignment_delta_serial` (on that thread only: no second OpenMP
+    team fighting the main thread's matmul); the pair's buffer goes back before the delta is
+    handed over. On CUDA the pair goes into pinned host memory instead.
     ``compute`` (caller thread): on CUDA a non-blocking copy to the device and the delta there;
-    then the projector.
+    then the projector. The delta's buffer goes back to the pool unless it became the
+    projector (``factor``).
+
+    ``pooled_output``: the projector tensor itself lives in a pool buffer (the gram product is
+    written into one; a factor is the delta scaled in place); whoever consumes the projector
+    must :meth:`BufferPool.give` its tensor back. Without it every projector owns fresh memory
+    (``patch --base/--aligned``, which keeps them).
     """
 
-    def __init__(self, base: CheckpointReader, aligned: CheckpointReader, device: torch.device):
+    def __init__(
+        self,
+        base: CheckpointReader,
+        aligned: CheckpointReader,
+        device: torch.device,
+        *,
+        pool: BufferPool | None = None,
+        pooled_output: bool = False,
+    ):
+        from safelora_cli.buffers import BufferPool
+
         self.base = base
         self.aligned = aligned
         self.device = device
+        self.pool = pool if pool is not None else BufferPool()
+        self.pooled_output = pooled_output
 
     def load(self, t: Target) -> _Item:
+        if self.device.type == "cpu":
+            import torch
+
+            nb, na = self.base.info(t.weight).nbytes, self.aligned.info(t.weight).nbytes
+            pool = self.pool
+            shape = (t.d_out, t.d_in)
+            if nb + na <= max(pool.slot_bytes, 4 * t.d_out * t.d_in):
+                raw = pool.take(nb + na)
+                bufs = [raw]
+                wb = self.base.load_into(t.weight, raw[:nb])
+                wa = self.aligned.load_into(t.weight, raw[nb:])
+            else:
+                bufs = [pool.take(nb), pool.take(na)]
+                wb = self.base.load_into(t.weight, bufs[0])
+                wa = self.aligned.load_into(t.weight, bufs[1])
+            try:
+                v = alignment_delta_serial(
+                    wb, wa, fan_in_fan_out=t.fan_in_fan_out, out=pool.tensor(shape, torch.float32)
+                )
+            finally:
+                del wb, wa
+                for b in bufs:
+                    pool.give(b)
+            return (t, v)
         wb = self.base.load(t.weight)
         wa = self.aligned.load(t.weight)
-        if self.device.type == "cpu":
-            v = alignment_delta_serial(wb, wa, fan_in_fan_out=t.fan_in_fan_out)
-            return (t, v)
         if self.device.type == "cuda":
             wb, wa = wb.pin_memory(), wa.pin_memory()
         return (t, wb, wa)
 
     def compute(self, box: list[_Item], *, dtype: Any = None) -> Projector:
         """The projector of the item in ``box`` (emptied, so its memory goes early)."""
+        import torch
+
         t, *tensors = box.pop()
         if len(tensors) == 1:
             (v,) = tensors
@@ -253,9 +297,28 @@ class _PairStream:
             v = alignment_delta(wb, wa, fan_in_fan_out=t.fan_in_fan_out)
             del wb, wa
         files = (self.base.info(t.weight).path, self.aligned.info(t.weight).path)
-        return build_projector(
-            t.weight, v, fan_in_fan_out=t.fan_in_fan_out, dtype=dtype, sources=files, consume=True
-        )
+        out = None
+        f32 = dtype is None or dtype == torch.float32
+        if self.pooled_output and v.device.type == "cpu" and t.d_out <= t.d_in and f32:
+            out = self.pool.tensor((t.d_out, t.d_out), torch.float32)
+        try:
+            pr = build_projector(
+                t.weight,
+                v,
+                fan_in_fan_out=t.fan_in_fan_out,
+                dtype=dtype,
+                sources=files,
+                consume=self.pooled_output or v.device.type != "cpu",
+                out=out,
+            )
+        except BaseException:
+            self.pool.give(out)
+            self.pool.give(v)
+            raise
+        for buf in (v, out):
+            if buf is not None and buf.data_ptr() != pr.tensor.data_ptr():
+                self.pool.give(buf)
+        return pr
 
     def stream(self, targets: Sequence[Target], *, dtype: Any = None) -> Iterator[Projector]:
         """Projectors of ``targets`` in order; the next pair is read while one is computed."""
@@ -284,8 +347,12 @@ class StreamingProjectorSource:
         import torch
 
         dev = device if isinstance(device, torch.device) else parse_device(str(device))
+        from safelora_cli.buffers import BufferPool
+
         limit_heap_retention()
-        self._stream = _PairStream(base_reader, aligned_reader, dev)
+        # Two free buffers: the pair and the delta of one weight (projectors are fresh memory).
+        pool = BufferPool(max_free=2)
+        self._stream = _PairStream(base_reader, aligned_reader, dev, pool=pool)
         self.device = dev
 
     @property
@@ -473,7 +540,12 @@ def _stream_into(
 
     Weights with ``V == 0`` are appended to ``degenerate`` as their entries are written.
     """
-    stream = _PairStream(rb, ra, dev)
+    from safelora_cli.buffers import BufferPool
+
+    # Every buffer has the size of the largest float32 delta, so any free one serves any
+    # weight (a projector is never larger than its delta).
+    pool = BufferPool(max((4 * t.d_out * t.d_in for t in todo), default=0))
+    stream = _PairStream(rb, ra, dev, pool=pool, pooled_output=True)
     done = 0
     progress.start(len(todo), "computing projections")
 
@@ -487,7 +559,8 @@ def _stream_into(
 
     try:
         # Entries are written on their own thread (file, fsync, rename, manifest) while the
-        # next projector is computed; at most one write is pending.
+        # next projector is computed; at most one write is pending. The projector's buffer
+        # goes back to the pool as soon as its bytes are written, before the fsyncs.
         with (
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="safelora-writer") as wx,
             contextlib.closing(stream.stream(todo, dtype=dtype)) as it,
@@ -496,12 +569,14 @@ def _stream_into(
             for t, pr in zip(todo, it, strict=True):
                 if pending is not None:
                     written(*pending)
-                pending = (wx.submit(cache.put, pr), t)
-                del pr
+                release = functools.partial(pool.give, pr.tensor)
+                pending = (wx.submit(cache.put, pr, written=release), t)
+                del pr, release
             if pending is not None:
                 written(*pending)
     finally:
         progress.finish()
+        pool.clear()
     return done
 
 
@@ -775,7 +850,7 @@ class _Recording:
         self.cache = cache
         self.out = out
 
-    def put(self, projector: Projector) -> Any:
-        e = self.cache.put(projector)
+    def put(self, projector: Projector, **kw: Any) -> Any:
+        e = self.cache.put(projector, **kw)
         self.out.append({"weight": e.weight, "entry": e.to_json()})
         return e

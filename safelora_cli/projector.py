@@ -100,13 +100,19 @@ _SERIAL_CHUNK = 32767
 
 
 def alignment_delta_serial(
-    w_base: torch.Tensor, w_aligned: torch.Tensor, *, fan_in_fan_out: bool
+    w_base: torch.Tensor,
+    w_aligned: torch.Tensor,
+    *,
+    fan_in_fan_out: bool,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`alignment_delta` on the calling thread only, bit-identical to it (CPU tensors).
 
     Works in chunks small enough that ATen never starts a parallel region, so a background
     (prefetch) thread can form the next delta without a second OpenMP team competing with the
     main thread's matmul for the cores. Same elementwise float32 operations, same result.
+    ``out``: a contiguous float32 ``[d_out, d_in]`` buffer to write into (returned), instead of
+    fresh memory; it must not overlap the inputs.
     """
     import torch
 
@@ -116,7 +122,13 @@ def alignment_delta_serial(
         raise ValueError(f"shapes differ: {tuple(w_base.shape)} vs {tuple(w_aligned.shape)}")
     rows, cols = (int(s) for s in w_base.shape)
     f32 = torch.float32
-    v = torch.empty((cols, rows) if fan_in_fan_out else (rows, cols), dtype=f32)
+    shape = (cols, rows) if fan_in_fan_out else (rows, cols)
+    if out is None:
+        v = torch.empty(shape, dtype=f32)
+    elif out.dtype != f32 or tuple(out.shape) != shape or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous float32 {list(shape)} tensor")
+    else:
+        v = out
     step = max(1, _SERIAL_CHUNK // max(cols, 1))
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
@@ -220,6 +232,7 @@ def build_projector(
     dtype: torch.dtype | None = None,
     sources: Sequence[str | Path] | None = None,
     consume: bool = False,
+    out: torch.Tensor | None = None,
 ) -> Projector:
     """The projector of alignment matrix ``v`` (float32 ``[d_out, d_in]``, linear orientation).
 
@@ -228,6 +241,9 @@ def build_projector(
     lives on ``v``'s device. ``V == 0`` -> degenerate projector (zeros, ``norm_v == 0``).
     NaN/Inf in ``v`` -> CheckpointError naming ``weight`` and ``sources`` (base and aligned
     files). ``consume=True`` lets the factor path scale ``v`` in place (saves one copy).
+    ``out``: a contiguous float32 ``[d_out, d_out]`` buffer on ``v``'s device for the gram
+    product (same numbers as fresh memory); unused for ``factor`` and degenerate projectors or
+    when cast to another ``dtype``, so the caller compares it with the result's tensor.
     """
     import torch
 
@@ -254,7 +270,7 @@ def build_projector(
         return Projector(weight, kind, t, 0.0, fan_in_fan_out, d_out, d_in)
     if kind == GRAM:
         # Divide rather than multiply by a reciprocal: 1/norm can overflow for tiny deltas.
-        t = torch.mm(v, v.t())
+        t = torch.mm(v, v.t()) if out is None else torch.mm(v, v.t(), out=out)
         t.div_(norm)
     else:
         root = math.sqrt(norm)

@@ -13,6 +13,8 @@ tensor owns its memory and RSS returns to its baseline as soon as the tensor is 
 checkpoint (16 MiB tensors) peaks at +21 MB over the RSS after ``import torch`` with this reader,
 and at +517 MB / +1029 MB through ``safe_open`` or raw mmap views with the handles kept open.
 The cost is one copy from the page cache, which mmap would also pay on first touch.
+:meth:`CheckpointReader.load_into` reads into a caller's buffer instead (the weight-pair stream
+reuses a few, see :mod:`safelora_cli.buffers`).
 
 Byte order: safetensors data is little-endian; on a big-endian host :meth:`load` byte-swaps.
 File handles: at most :data:`MAX_OPEN_FILES` shard files are open at once (LRU).
@@ -618,7 +620,7 @@ class CheckpointReader:
         self._fds[path] = fd
         return fd
 
-    def _read_into(self, ti: TensorInfo, buf: bytearray) -> None:
+    def _read_into(self, ti: TensorInfo, buf: bytearray | memoryview) -> None:
         if self._closed:
             raise CheckpointError(f"{self.label}: reader is closed", path=ti.path)
         view = memoryview(buf)
@@ -678,6 +680,28 @@ class CheckpointReader:
         if torch.empty((), dtype=dtype).element_size() < t.element_size():
             return t.to(dtype=dtype).to(dev)
         return t.to(dev).to(dtype=dtype)
+
+    def load_into(self, name: str, buf: torch.Tensor) -> torch.Tensor:
+        """Tensor ``name`` read into ``buf``, returned as a view of it (stored dtype and shape).
+
+        ``buf``: a contiguous CPU ``uint8`` tensor of exactly ``info(name).nbytes`` bytes (e.g.
+        from :class:`safelora_cli.buffers.BufferPool`); nothing else is allocated. ValueError
+        for a buffer of another size or kind.
+        """
+        import torch
+
+        ti = self.info(name)
+        if buf.dtype != torch.uint8 or buf.dim() != 1 or not buf.is_contiguous():
+            raise ValueError("load_into needs a contiguous 1-D uint8 buffer")
+        if buf.device.type != "cpu" or buf.numel() != ti.nbytes:
+            raise ValueError(f"{name}: buffer of {buf.numel()} bytes, tensor has {ti.nbytes}")
+        src = torch_dtype(ti.dtype)
+        out = buf.view(src).view(ti.shape) if ti.nbytes else torch.empty(ti.shape, dtype=src)
+        if sys.byteorder == "big":  # pragma: no cover
+            out.copy_(self.load(name))
+        elif ti.nbytes:
+            self._read_into(ti, memoryview(buf.numpy()))
+        return out
 
     def close(self) -> None:
         """Close every open file handle (the reader can no longer read)."""

@@ -183,11 +183,18 @@ class CountingReader:
         self.loads = loads
         self.hook = hook
 
-    def load(self, name: str, **kw: Any) -> torch.Tensor:
+    def _count(self, name: str) -> None:
         if self.hook:
             self.hook(self.inner.label, name)
         self.loads[(self.inner.label, name)] += 1
+
+    def load(self, name: str, **kw: Any) -> torch.Tensor:
+        self._count(name)
         return self.inner.load(name, **kw)
+
+    def load_into(self, name: str, buf: torch.Tensor) -> torch.Tensor:
+        self._count(name)
+        return self.inner.load_into(name, buf)
 
     def __contains__(self, name: object) -> bool:
         return name in self.inner
@@ -383,11 +390,11 @@ def test_killed_run_resumes_to_the_same_cache(
     real_put = ProjectionCache.put
     calls = {"n": 0}
 
-    def dying_put(self: ProjectionCache, pr: Any):
+    def dying_put(self: ProjectionCache, pr: Any, **kw: Any):
         if calls["n"] == 3:
             raise KeyboardInterrupt  # the process is killed mid-run
         calls["n"] += 1
-        return real_put(self, pr)
+        return real_put(self, pr, **kw)
 
     monkeypatch.setattr(ProjectionCache, "put", dying_put)
     with pytest.raises(KeyboardInterrupt):

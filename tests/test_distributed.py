@@ -566,8 +566,8 @@ real = ProjectionCache.put
 count = [0]
 
 
-def put(self, projector):
-    entry = real(self, projector)
+def put(self, projector, **kw):
+    entry = real(self, projector, **kw)
     count[0] += 1
     if os.environ.get("RANK") == "1" and count[0] == 2:
         os.kill(os.getpid(), signal.SIGKILL)  # rank 1 dies after its second entry
