@@ -18,7 +18,7 @@ What it does (every measured command is a fresh child process, see ``harness.py`
 5. Prints (and with ``--write-docs`` puts into the page between its BENCH markers) the tables
    and the goals, each marked met or missed with its figures; ``--json`` keeps every run.
 
-Modes: default (6-7 min on a quiet 2-core machine, ~17 min at load average 7), ``--quick``
+Modes: default (6-9 min on a quiet 2-core machine, ~17 min at load average 7), ``--quick``
 (~3 min quiet), ``--toy`` (tiny shapes, seconds of work, for the smoke test; its figures mean
 nothing). Exit status 1 when any run failed.
 """

@@ -262,19 +262,18 @@ class _PairStream:
             shape = (t.d_out, t.d_in)
             if nb + na <= max(pool.slot_bytes, 4 * t.d_out * t.d_in):
                 raw = pool.take(nb + na)
-                bufs = [raw]
-                wb = self.base.load_into(t.weight, raw[:nb])
-                wa = self.aligned.load_into(t.weight, raw[nb:])
+                parts, bufs = [raw[:nb], raw[nb:]], [raw]
             else:
-                bufs = [pool.take(nb), pool.take(na)]
-                wb = self.base.load_into(t.weight, bufs[0])
-                wa = self.aligned.load_into(t.weight, bufs[1])
+                parts = bufs = [pool.take(nb), pool.take(na)]
+            v = pool.tensor(shape, torch.float32)
             try:
-                v = alignment_delta_serial(
-                    wb, wa, fan_in_fan_out=t.fan_in_fan_out, out=pool.tensor(shape, torch.float32)
-                )
+                wb = self.base.load_into(t.weight, parts[0])
+                wa = self.aligned.load_into(t.weight, parts[1])
+                alignment_delta_serial(wb, wa, fan_in_fan_out=t.fan_in_fan_out, out=v)
+            except BaseException:
+                pool.give(v)
+                raise
             finally:
-                del wb, wa
                 for b in bufs:
                     pool.give(b)
             return (t, v)
