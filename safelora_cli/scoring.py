@@ -79,10 +79,15 @@ def _traces(cb: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> tuple[float, 
     x = cb.to(dtype=torch.float64)
     b64 = b.to(device=x.device, dtype=torch.float64)
     a64 = a.to(device=x.device, dtype=torch.float64)
+    r = x.shape[1]
     g = a64 @ a64.T  # r x r, symmetric: tr(M G) = sum(M * G)
-    inner = float(((x.T @ b64) * g).sum())
-    nx = float(((x.T @ x) * g).sum())
-    nb = float(((b64.T @ b64) * g).sum())
+    # One [2r, d_out] x [d_out, 2r] product gives X^T X, X^T B and B^T B: each BLAS call costs
+    # a thread wake-up under OMP_WAIT_POLICY=PASSIVE, which outweighs these tiny products.
+    yt = torch.cat([x.T, b64.T])
+    m = yt @ yt.T
+    inner = float((m[:r, r:] * g).sum())
+    nx = float((m[:r, :r] * g).sum())
+    nb = float((m[r:, r:] * g).sum())
     return inner, nx, nb
 
 
