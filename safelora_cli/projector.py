@@ -181,7 +181,8 @@ class Projector:
         return int(self.tensor.numel())
 
     def apply(self, b: torch.Tensor) -> torch.Tensor:
-        """``C @ B`` as float64 ``[d_out, r]`` on this projector's device.
+        """``C @ B`` as float64 ``[d_out, r]`` on this projector's device (a transposed view:
+        not contiguous).
 
         ``b``: ``[d_out, r]`` (LoRA ``B``, linear orientation), any float dtype/device. Gram:
         ``C @ B``; factor: ``F @ (F^T @ B)`` (never forms ``d_out x d_out``). A degenerate
