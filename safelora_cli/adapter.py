@@ -739,3 +739,19 @@ def load_adapter(arg: str | Path, *, revision: str | None = None) -> Adapter:
 
     directory, spec = resolve_adapter(str(arg), revision=revision)
     return read_adapter(directory, source=spec)
+
+
+def load_adapters(args: Iterable[str | Path]) -> list[Adapter]:
+    """Every adapter read and validated before anything else happens (nothing half-done).
+
+    On any failure the adapters already opened are closed before the error propagates.
+    """
+    loaded: list[Adapter] = []
+    try:
+        for arg in args:
+            loaded.append(load_adapter(arg))
+    except BaseException:
+        for ad in loaded:
+            ad.close()
+        raise
+    return loaded

@@ -442,14 +442,15 @@ def score(
     in argument order (``output`` None, ``sources`` set); ``to_json()`` is the ``patch --json``
     schema. Raises UsageError for flag combinations patch refuses, and the inputs' errors.
     """
-    # patch's private helpers on purpose: inspect must see the same weights patch would use.
-    from safelora_cli.patch import _check_flags, _load_all, _projector_source
+    # The same checks and source as patch: inspect must see the weights patch would use.
+    from safelora_cli.adapter import load_adapters
+    from safelora_cli.projector_source import check_flags, open_projector_source
     from safelora_cli.scoring import score_adapters
 
-    _check_flags(adapters, projections, base, aligned, revision_base, revision_aligned, None)
-    loaded = _load_all(adapters)
+    check_flags(adapters, projections, base, aligned, revision_base, revision_aligned, None)
+    loaded = load_adapters(adapters)
     try:
-        with _projector_source(
+        with open_projector_source(
             loaded,
             adapters,
             projections=Path(projections) if projections is not None else None,

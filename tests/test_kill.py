@@ -503,9 +503,9 @@ def _dead_pid() -> int:
 def test_only_this_hosts_dead_runs_are_cleaned(tmp_path: Path) -> None:
     """Stale-temporary cleanup never touches a live run's or another machine's staging."""
     from safelora_cli import cache as cache_mod
-    from safelora_cli import patch as patch_mod
+    from safelora_cli import output as output_mod
 
-    host, dead, live = patch_mod._host(), _dead_pid(), os.getpid()
+    host, dead, live = output_mod.host(), _dead_pid(), os.getpid()
     target = tmp_path / "out"
     names = {
         f".out.safelora-tmp-{host}-{dead}-abc": False,  # killed here: removed
@@ -516,10 +516,10 @@ def test_only_this_hosts_dead_runs_are_cleaned(tmp_path: Path) -> None:
     }
     for n in names:
         (tmp_path / n).mkdir()
-    patch_mod.clean_stale(target)
+    output_mod.clean_stale(target)
     assert {n: (tmp_path / n).exists() for n in names} == names
     target.mkdir()  # the output exists again: the moved-aside original can go
-    patch_mod.clean_stale(target)
+    output_mod.clean_stale(target)
     assert not (tmp_path / f".out.safelora-old-{host}-{dead}-abc").exists()
 
     cache = tmp_path / "cache"
