@@ -150,11 +150,12 @@ def _root(
 
 
 def _register() -> None:
-    from safelora_cli.commands import compute, inspect, patch
+    from safelora_cli.commands import compute, inspect, patch, patch_model
 
     app.command("compute-projections", no_args_is_help=True)(cli_errors(compute.command))
     app.command("patch", no_args_is_help=True)(cli_errors(patch.command))
     app.command("inspect", no_args_is_help=True)(cli_errors(inspect.command))
+    app.command("patch-model", no_args_is_help=True)(cli_errors(patch_model.command))
 
 
 _register()

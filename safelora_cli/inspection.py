@@ -590,8 +590,28 @@ def short_reason(module: Any) -> str:
         return "no: CBA = 0"
     if reason == scoring.REASON_NONE_SELECTED:
         return "no: none"
+    if reason == scoring.REASON_UPDATE_ORTHOGONAL:
+        return "no: CdW = 0"
+    if reason.startswith(scoring.REASON_NOT_FINETUNED.split("{", 1)[0]):
+        return "no: dW = 0"
     if reason.startswith(scoring.REASON_NO_SIGNAL.split("{", 1)[0]):
         return "no: V = 0"
     if reason.startswith(scoring.REASON_ABOVE.split("{", 1)[0]):
         return "no: cos > t"
     return f"no: {reason}" if reason else "no"
+
+
+def is_full_model_request(
+    args: Sequence[str], *, projections: Path | None, aligned: str | None
+) -> bool:
+    """``inspect ARG ...`` is about a fully fine-tuned model, not an adapter.
+
+    True when ARG is a local full-model checkpoint (safetensors weights, no
+    ``adapter_config.json``), or when ``-p`` and ``--aligned`` are both given (the adapter form
+    takes one or the other). A Hub id with ``--base``/``--aligned`` stays an adapter.
+    """
+    from safelora_cli.model_patch import is_local_model
+
+    if not args:
+        return False
+    return is_local_model(args[0]) or (projections is not None and aligned is not None)

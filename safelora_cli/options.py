@@ -49,3 +49,14 @@ Fraction = Annotated[
 ]
 Force = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Report what would happen; write nothing.")]
+TargetsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--targets",
+        help="Weights to consider: module-name suffixes (q_proj,v_proj) or a regex (re:...). "
+        "[default: every linear weight of the repeated blocks]",
+    ),
+]
+Revision = Annotated[
+    str | None, typer.Option("--revision", help="Hub revision of the fine-tuned model.")
+]

@@ -348,3 +348,71 @@ def prefetched(fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
                     fut.cancel()
 
     return gen()
+
+
+# ----------------------------------------------------------------------------- full fine-tunes
+
+
+@dataclass
+class ProjectedUpdate:
+    """A full fine-tune's update ``ΔW`` and its projection, scale-safe (DESIGN §1).
+
+    ``d = ΔW / scale`` and ``cd = C d`` are float64 ``[d_out, d_in]`` (linear orientation) on
+    the projector's device, ``scale = max|ΔW|`` (0 when ``ΔW == 0``; then both are zeros).
+    ``C ΔW = scale * cd``. Dividing by the max-abs first keeps every product and norm inside
+    float64's range whatever the magnitudes of the weights.
+    """
+
+    d: torch.Tensor
+    cd: torch.Tensor
+    scale: float
+
+
+def project_update(proj: Projector, dw: torch.Tensor) -> ProjectedUpdate:
+    """``C ΔW`` of a full update ``dw`` (``[d_out, d_in]``, linear orientation, any float dtype).
+
+    ``dw`` is ``W_ft - W_aligned`` as :func:`alignment_delta` forms it (``alignment_delta(
+    w_aligned, w_ft, ...)``: float32 before subtracting). Gram: ``C D``; factor: ``F (F^T D)``
+    (never forming ``d_out x d_out``), both in float64 through :meth:`Projector.apply`. ValueError
+    when ``dw`` has NaN/Inf or the wrong shape (the caller names the weight and files).
+    """
+    import torch
+
+    if dw.dim() != 2 or tuple(dw.shape) != (proj.d_out, proj.d_in):
+        raise ValueError(
+            f"{proj.weight}: update has shape {tuple(dw.shape)}, projector is "
+            f"[{proj.d_out}, {proj.d_in}]"
+        )
+    d = dw.to(device=proj.tensor.device, dtype=torch.float64)
+    scale = float(d.abs().max()) if d.numel() else 0.0
+    if not math.isfinite(scale):
+        raise ValueError(f"{proj.weight}: the update W_ft - W_aligned contains NaN or Inf")
+    if scale == 0.0:
+        return ProjectedUpdate(d, torch.zeros_like(d), 0.0)
+    d.div_(scale)
+    return ProjectedUpdate(d, proj.apply(d), scale)
+
+
+def projected_weight(
+    w_aligned: torch.Tensor,
+    upd: ProjectedUpdate,
+    *,
+    fan_in_fan_out: bool,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``W_aligned + C ΔW`` in the stored orientation, cast once to ``dtype`` (CPU, contiguous).
+
+    ``w_aligned`` is the stored tensor (``[in, out]`` when ``fan_in_fan_out``). The sum is
+    formed in float64 from the exact upcast of ``w_aligned``, so the only rounding after the
+    product is the final cast (for bf16: one rounding of the float64 sum).
+    """
+    import torch
+
+    cd = upd.cd.to(device="cpu")
+    w = w_aligned.to(device="cpu", dtype=torch.float64)
+    if fan_in_fan_out:
+        w = w.t()
+    out = torch.add(w, cd, alpha=upd.scale) if upd.scale else w.clone()
+    if fan_in_fan_out:
+        out = out.t()
+    return out.to(dtype).contiguous()

@@ -430,3 +430,44 @@ def score_adapters(
         report, tensors = _report(ad, ordered, selection)
         out.append(ScoredAdapter(adapter=ad, report=report, tensors=tensors))
     return out
+
+
+# ----------------------------------------------------------------------------- full fine-tunes
+
+REASON_NOT_FINETUNED = "not fine-tuned: dW = W_ft - W_aligned is zero for {weight}"
+REASON_UPDATE_ORTHOGONAL = "C dW is zero: the update is orthogonal to the alignment subspace"
+
+
+def update_cosine(cd: torch.Tensor, d: torch.Tensor) -> float | None:
+    """``cos = <C ΔW, ΔW>_F / (||C ΔW||_F ||ΔW||_F)`` in float64, or None when either is zero.
+
+    ``cd = C D`` and ``d = D = ΔW / s`` for any positive ``s`` (the cosine does not depend on
+    it; :func:`safelora_cli.projector.project_update` divides by the max-abs). Both are divided
+    by their own max-abs again before the products, so nothing overflows or underflows.
+    ValueError on NaN/Inf. The result is clamped to [-1, 1].
+    """
+    import torch
+
+    x = cd.to(dtype=torch.float64)
+    y = d.to(device=x.device, dtype=torch.float64)
+    sx = float(x.abs().max()) if x.numel() else 0.0
+    sy = float(y.abs().max()) if y.numel() else 0.0
+    if not (math.isfinite(sx) and math.isfinite(sy)):
+        raise ValueError("the update or its projection contains NaN or Inf")
+    if sx == 0.0 or sy == 0.0:
+        return None
+    x = x / sx
+    y = y / sy
+    nx = float(torch.linalg.vector_norm(x))
+    ny = float(torch.linalg.vector_norm(y))
+    if not (nx > 0.0 and ny > 0.0):
+        return None
+    cos = float((x * y).sum()) / (nx * ny)
+    return max(-1.0, min(1.0, cos))
+
+
+def update_norm(d: torch.Tensor, scale: float) -> float:
+    """``||ΔW||_F`` from ``d = ΔW / scale`` (float64; ``scale`` multiplies after the norm)."""
+    import torch
+
+    return float(torch.linalg.vector_norm(d.to(dtype=torch.float64))) * abs(scale)

@@ -35,8 +35,10 @@ from safelora_cli.options import (
     NumLayers,
     Projections,
     Quiet,
+    Revision,
     RevisionAligned,
     RevisionBase,
+    TargetsOpt,
     Threshold,
 )
 
@@ -233,6 +235,8 @@ def _summary_lines(report: Any) -> list[str]:
     first = f"projected {report.projected} of {report.total} modules"
     if undefined:
         first += f" ({undefined} without a cosine, never projected)"
+    if getattr(report, "kind", "adapter") == "model":  # Pdst is a LoRA figure
+        return [first, *_selection_lines(report, defined)]
     return [first, *_selection_lines(report, defined), f"Pdst {_num(report.pdst, '.5f')}"]
 
 
@@ -242,7 +246,7 @@ def _render_reports(reports: Sequence[Any], sort: str, top: int | None) -> None:
     for i, rep in enumerate(reports):
         if i:
             _emit_lines([""])
-        _emit_lines([f"adapter: {rep.adapter}"])
+        _emit_lines([f"{getattr(rep, 'kind', 'adapter')}: {rep.adapter}"])
         rows, hidden = order_modules(rep.modules, sort, top)  # type: ignore[arg-type]
         if sort == "layer":
             groups: list[list[list[str]]] = []
@@ -451,8 +455,14 @@ def command(
     revision_base: RevisionBase = None,
     revision_aligned: RevisionAligned = None,
     quiet: Quiet = False,
+    targets: TargetsOpt = None,
+    revision: Revision = None,
 ) -> None:
-    """Per-module similarity tables, or summaries of a cache or an adapter."""
+    """Per-module similarity tables, or summaries of a cache or an adapter.
+
+    A fully fine-tuned model (FINETUNED --aligned ALIGNED with -p CACHE or --base BASE) gets
+    the same table, JSON and --fail-below gate, one row per weight (docs/patch-model.md).
+    """
     from safelora_cli.inspection import validate_sort
 
     # --top lists the lowest cosines, so it reads lowest first unless --sort says otherwise.
@@ -477,6 +487,28 @@ def command(
         )
         if v is not None
     ]
+
+    from safelora_cli.inspection import is_full_model_request
+
+    if adapters and is_full_model_request(adapters, projections=projections, aligned=aligned):
+        _inspect_model(
+            adapters,
+            projections=projections,
+            base=base,
+            aligned=aligned,
+            selection_flags=(num_layers, threshold, fraction),
+            targets=targets,
+            device=device,
+            revision=revision,
+            revision_base=revision_base,
+            revision_aligned=revision_aligned,
+            json_out=json_out,
+            sort_key=sort_key,
+            top=top,
+            fail_below=fail_below,
+            quiet=quiet,
+        )
+        return
 
     if not adapters:
         if projections is None:
@@ -530,6 +562,68 @@ def command(
                 hint="These updates left the alignment subspace: "
                 "patch the adapter with safelora patch, or review it.",
             )
+
+
+def _gate(reports: Sequence[Any], fail_below: float | None) -> None:
+    from safelora_cli.inspection import gate
+
+    if fail_below is None:
+        return
+    result = gate(reports, fail_below)
+    if not result.passed:
+        raise GateError(
+            f"gate --fail-below {fail_below:g}: {result.message()}",
+            hint="These updates left the alignment subspace: patch them (safelora patch / "
+            "patch-model), or review them.",
+        )
+
+
+def _inspect_model(
+    args: Sequence[str],
+    *,
+    projections: Any,
+    base: str | None,
+    aligned: str | None,
+    selection_flags: tuple[Any, Any, Any],
+    targets: str | None,
+    device: str,
+    revision: str | None,
+    revision_base: str | None,
+    revision_aligned: str | None,
+    json_out: bool,
+    sort_key: str,
+    top: int | None,
+    fail_below: float | None,
+    quiet: bool,
+) -> None:
+    """``inspect FINETUNED --aligned ALIGNED (-p CACHE | --base BASE)``: one row per weight."""
+    from safelora_cli.model_patch import score_model
+    from safelora_cli.selection import Selection
+
+    if len(args) != 1:
+        raise UsageError(
+            f"inspect takes one fine-tuned model, got {len(args)} arguments.",
+            hint="Inspect each fine-tuned model in its own run.",
+        )
+    selection = Selection.from_flags(*selection_flags)
+    report = score_model(
+        args[0],
+        selection,
+        aligned=aligned,
+        projections=projections,
+        base=base,
+        targets=targets,
+        device=device,
+        revision=revision,
+        revision_aligned=revision_aligned,
+        revision_base=revision_base,
+        progress=render.RichProgress(quiet=quiet),
+    )
+    if json_out:
+        _emit_lines([json.dumps(report.to_json(), allow_nan=False)])
+    else:
+        _render_reports([report], sort_key, top)
+    _gate([report], fail_below)
 
 
 def _inspect_cache(projections: Any, *, json_out: bool, quiet: bool) -> None:
