@@ -54,7 +54,7 @@ import re
 import struct
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -835,10 +835,10 @@ def _plan(inputs: _Inputs, output: Path, force: bool, others: list[tuple[str, Pa
 def _shard_cost(inputs: _Inputs, shard: Path) -> float:
     from safelora_cli.compute import FLOPS_PER_S, READ_BYTES_PER_S
 
-    nbytes = sum(inputs.ft.info(n).nbytes for n in inputs.ft.names() if inputs.ft.info(n).path == shard)
-    flops = sum(
-        4.0 * t.d_out * t.d_out * t.d_in for t in inputs.targets if t.shard == shard
+    nbytes = sum(
+        inputs.ft.info(n).nbytes for n in inputs.ft.names() if inputs.ft.info(n).path == shard
     )
+    flops = sum(4.0 * t.d_out * t.d_out * t.d_in for t in inputs.targets if t.shard == shard)
     return 2 * nbytes / READ_BYTES_PER_S + flops / FLOPS_PER_S["cpu"]
 
 
@@ -864,17 +864,24 @@ def score_model(
     selection = selection or Selection.from_flags(None, None, None)
     check_model_flags(finetuned, aligned, projections, base, revision_base)
     assert aligned is not None
-    with _open_inputs(
-        finetuned, aligned, targets=targets, revision=revision, revision_aligned=revision_aligned
-    ) as inputs, open_model_source(
-        inputs,
-        inputs.targets,
-        projections=projections,
-        base=base,
-        target_spec=targets,
-        device=device,
-        revision_base=revision_base,
-    ) as (source, sources):
+    with (
+        _open_inputs(
+            finetuned,
+            aligned,
+            targets=targets,
+            revision=revision,
+            revision_aligned=revision_aligned,
+        ) as inputs,
+        open_model_source(
+            inputs,
+            inputs.targets,
+            projections=projections,
+            base=base,
+            target_spec=targets,
+            device=device,
+            revision_base=revision_base,
+        ) as (source, sources),
+    ):
         scores = _score_targets(inputs, source, inputs.targets, progress)
         report = decide(finetuned, inputs.ft_spec.path, scores, selection)
         report.sources = sources
@@ -1004,7 +1011,11 @@ def _patch_model_distributed(
             check_model_flags(finetuned, aligned, projections, base, revision_base)
             assert aligned is not None
             others = other_inputs(
-                [("aligned model", aligned), ("base model", base), ("projection cache", projections)]
+                [
+                    ("aligned model", aligned),
+                    ("base model", base),
+                    ("projection cache", projections),
+                ]
             )
             inputs = stack.enter_context(
                 _open_inputs(
@@ -1053,7 +1064,9 @@ def _patch_model_distributed(
             _write_shards(inputs, mine, source, report, by_weight, staging)
 
         if dist.is_main:
-            _main_rank_write(report, plan, dist, write_mine, lambda d: _write_rest(inputs, report, d))
+            _main_rank_write(
+                report, plan, dist, write_mine, lambda d: _write_rest(inputs, report, d)
+            )
         else:
             _other_rank_write(dist, write_mine)
         return report
@@ -1102,10 +1115,9 @@ def _other_rank_write(dist: Dist, write_mine: Callable[[Path], None]) -> None:
             write_mine(Path(staging))
         except Exception as e:
             err = e
-        try:
+        # A failure anywhere: rank 0 reports it in the final agreement below.
+        with contextlib.suppress(SafeLoraError):
             dist.agree(err)
-        except SafeLoraError:
-            pass  # rank 0 reports the failure in the final agreement below
     dist.agree(None)
 
 

@@ -62,7 +62,9 @@ def _save(model: Any, d: Path, dtype: torch.dtype, shard: str | None) -> None:
     model.to(torch.float32)
 
 
-def _trio(tmp: Path, model: Any, arch: str, dtype: torch.dtype, shard: str | None, seed: int) -> Trio:
+def _trio(
+    tmp: Path, model: Any, arch: str, dtype: torch.dtype, shard: str | None, seed: int
+) -> Trio:
     tmp.mkdir(parents=True, exist_ok=True)
     paths = Trio(tmp / "base", tmp / "aligned", tmp / "finetuned", arch)
     _save(model, paths.base, dtype, shard)
@@ -106,7 +108,12 @@ def gpt2_trio(
 
     torch.manual_seed(seed)
     cfg = GPT2Config(
-        n_embd=32, n_layer=2, n_head=4, n_positions=16, vocab_size=64, bos_token_id=0,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=16,
+        vocab_size=64,
+        bos_token_id=0,
         eos_token_id=0,
     )
     return _trio(tmp, GPT2LMHeadModel(cfg).eval(), "gpt2", dtype, shard, seed)
@@ -195,7 +202,9 @@ def oracle(trio: Trio, *, conv1d: bool, only: set[str] | None = None) -> dict[st
         if nv > 0 and float(dw.abs().max()) > 0:
             c = v @ v.T / nv
             cdw = c @ dw
-            cos = float((cdw * dw).sum() / (torch.linalg.matrix_norm(cdw) * torch.linalg.matrix_norm(dw)))
+            cos = float(
+                (cdw * dw).sum() / (torch.linalg.matrix_norm(cdw) * torch.linalg.matrix_norm(dw))
+            )
             new = wa + cdw
         out[name] = {
             "cos": cos,

@@ -67,8 +67,15 @@ def gpt2_cache(gpt2: mt.Trio) -> Path:
 
 
 def check_output(
-    trio: mt.Trio, out: Path, report: dict[str, Any], *, conv1d: bool, mode: str, value: float,
-    rel: float, only: set[str] | None = None,
+    trio: mt.Trio,
+    out: Path,
+    report: dict[str, Any],
+    *,
+    conv1d: bool,
+    mode: str,
+    value: float,
+    rel: float,
+    only: set[str] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Everything the issue promises about OUT, against the oracle."""
     ref = mt.oracle(trio, conv1d=conv1d, only=only)
@@ -144,13 +151,25 @@ def test_llama_bf16_sharded_from_a_cache_num_layers(
 ) -> None:
     before = mt.tree(llama_bf16.finetuned)
     out = tmp_path / "out"
-    r = ok("patch-model", llama_bf16.finetuned, "--aligned", llama_bf16.aligned,
-           "-p", llama_bf16_cache, "-o", out, "-k", 3, "--json")
+    r = ok(
+        "patch-model",
+        llama_bf16.finetuned,
+        "--aligned",
+        llama_bf16.aligned,
+        "-p",
+        llama_bf16_cache,
+        "-o",
+        out,
+        "-k",
+        3,
+        "--json",
+    )
     lines = r.stdout.splitlines()
     assert len(lines) == 1
     # bf16: the float64 W_aligned + C dW rounded once; one bf16 step (2^-8 relative) at most.
-    check_output(llama_bf16, out, json.loads(lines[0]), conv1d=False, mode="num_layers",
-                 value=3, rel=2**-8)
+    check_output(
+        llama_bf16, out, json.loads(lines[0]), conv1d=False, mode="num_layers", value=3, rel=2**-8
+    )
     assert len(list(out.glob("model-*.safetensors"))) >= 2  # really sharded
     assert mt.tree(llama_bf16.finetuned) == before
     loads_and_runs(out)
@@ -159,16 +178,44 @@ def test_llama_bf16_sharded_from_a_cache_num_layers(
 def test_default_is_num_layers_10_and_fraction_is_ceil(
     llama_bf16: mt.Trio, llama_bf16_cache: Path, tmp_path: Path
 ) -> None:
-    r = ok("patch-model", llama_bf16.finetuned, "--aligned", llama_bf16.aligned,
-           "-p", llama_bf16_cache, "-o", tmp_path / "a", "--json")
-    check_output(llama_bf16, tmp_path / "a", json.loads(r.stdout), conv1d=False,
-                 mode="num_layers", value=10, rel=2**-8)
-    r = ok("patch-model", llama_bf16.finetuned, "--aligned", llama_bf16.aligned,
-           "-p", llama_bf16_cache, "-o", tmp_path / "b", "-f", 0.3, "--json")
+    r = ok(
+        "patch-model",
+        llama_bf16.finetuned,
+        "--aligned",
+        llama_bf16.aligned,
+        "-p",
+        llama_bf16_cache,
+        "-o",
+        tmp_path / "a",
+        "--json",
+    )
+    check_output(
+        llama_bf16,
+        tmp_path / "a",
+        json.loads(r.stdout),
+        conv1d=False,
+        mode="num_layers",
+        value=10,
+        rel=2**-8,
+    )
+    r = ok(
+        "patch-model",
+        llama_bf16.finetuned,
+        "--aligned",
+        llama_bf16.aligned,
+        "-p",
+        llama_bf16_cache,
+        "-o",
+        tmp_path / "b",
+        "-f",
+        0.3,
+        "--json",
+    )
     rep = json.loads(r.stdout)
     assert rep["k"] == math.ceil(0.3 * 14)
-    check_output(llama_bf16, tmp_path / "b", rep, conv1d=False, mode="fraction", value=0.3,
-                 rel=2**-8)
+    check_output(
+        llama_bf16, tmp_path / "b", rep, conv1d=False, mode="fraction", value=0.3, rel=2**-8
+    )
 
 
 def test_llama_fp32_on_the_fly_threshold_equals_the_cache_form(
@@ -178,14 +225,37 @@ def test_llama_fp32_on_the_fly_threshold_equals_the_cache_form(
     cosines = sorted(round(r["cos"], 5) for r in ref.values() if r["cos"] is not None)
     t = cosines[len(cosines) // 2]
     out = tmp_path / "fly"
-    r = ok("patch-model", llama_fp32.finetuned, "--aligned", llama_fp32.aligned,
-           "--base", llama_fp32.base, "-o", out, "-t", t, "--json")
+    r = ok(
+        "patch-model",
+        llama_fp32.finetuned,
+        "--aligned",
+        llama_fp32.aligned,
+        "--base",
+        llama_fp32.base,
+        "-o",
+        out,
+        "-t",
+        t,
+        "--json",
+    )
     # fp32: float32 dW and C, float64 products; ~1e-6 of the weights' scale.
-    check_output(llama_fp32, out, json.loads(r.stdout), conv1d=False, mode="threshold",
-                 value=t, rel=1e-5)
+    check_output(
+        llama_fp32, out, json.loads(r.stdout), conv1d=False, mode="threshold", value=t, rel=1e-5
+    )
     cache = _cache(llama_fp32, tmp_path, mt.ALL_LLAMA)
-    ok("patch-model", llama_fp32.finetuned, "--aligned", llama_fp32.aligned, "-p", cache,
-       "-o", tmp_path / "cached", "-t", t, "-q")
+    ok(
+        "patch-model",
+        llama_fp32.finetuned,
+        "--aligned",
+        llama_fp32.aligned,
+        "-p",
+        cache,
+        "-o",
+        tmp_path / "cached",
+        "-t",
+        t,
+        "-q",
+    )
     a = mt.raw(out)
     b = mt.raw(tmp_path / "cached")
     rep_a = json.loads((out / "safelora_report.json").read_text())
@@ -202,8 +272,19 @@ def test_gpt2_conv1d_is_transposed_and_written_back(
     gpt2: mt.Trio, gpt2_cache: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "out"
-    r = ok("patch-model", gpt2.finetuned, "--aligned", gpt2.aligned, "-p", gpt2_cache,
-           "-o", out, "-f", 0.5, "--json")
+    r = ok(
+        "patch-model",
+        gpt2.finetuned,
+        "--aligned",
+        gpt2.aligned,
+        "-p",
+        gpt2_cache,
+        "-o",
+        out,
+        "-f",
+        0.5,
+        "--json",
+    )
     rep = json.loads(r.stdout)
     assert all(m["fan_in_fan_out"] for m in rep["modules"])
     c_attn = next(m for m in rep["modules"] if m["name"].endswith("attn.c_attn"))
@@ -224,12 +305,33 @@ def test_targets_narrow_the_weights(
     llama_bf16: mt.Trio, llama_bf16_cache: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "out"
-    r = ok("patch-model", llama_bf16.finetuned, "--aligned", llama_bf16.aligned,
-           "-p", llama_bf16_cache, "-o", out, "--targets", "q_proj,v_proj", "-k", 2, "--json")
+    r = ok(
+        "patch-model",
+        llama_bf16.finetuned,
+        "--aligned",
+        llama_bf16.aligned,
+        "-p",
+        llama_bf16_cache,
+        "-o",
+        out,
+        "--targets",
+        "q_proj,v_proj",
+        "-k",
+        2,
+        "--json",
+    )
     rep = json.loads(r.stdout)
     assert {m["name"].rsplit(".", 1)[-1] for m in rep["modules"]} == {"q_proj", "v_proj"}
-    check_output(llama_bf16, out, rep, conv1d=False, mode="num_layers", value=2, rel=2**-8,
-                 only={"q_proj", "v_proj"})
+    check_output(
+        llama_bf16,
+        out,
+        rep,
+        conv1d=False,
+        mode="num_layers",
+        value=2,
+        rel=2**-8,
+        only={"q_proj", "v_proj"},
+    )
 
 
 def test_untouched_weight_and_no_alignment_signal_have_no_cosine(
@@ -251,8 +353,19 @@ def test_untouched_weight_and_no_alignment_signal_have_no_cosine(
         tensors = load_file(str(f))
         tensors[name] = value.clone()
         save_file(tensors, str(f), metadata={"format": "pt"})
-    r = ok("patch-model", ft, "--aligned", al, "--base", llama_fp32.base, "-o",
-           tmp_path / "out", "-t", 1.0, "--json")
+    r = ok(
+        "patch-model",
+        ft,
+        "--aligned",
+        al,
+        "--base",
+        llama_fp32.base,
+        "-o",
+        tmp_path / "out",
+        "-t",
+        1.0,
+        "--json",
+    )
     mods = {m["weight"]: m for m in json.loads(r.stdout)["modules"]}
     assert mods[same_ft]["cosine"] is None and not mods[same_ft]["projected"]
     assert "not fine-tuned" in mods[same_ft]["reason"]
@@ -265,8 +378,18 @@ def test_dry_run_writes_nothing_and_force_rules(
     llama_bf16: mt.Trio, llama_bf16_cache: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "out"
-    args = ["patch-model", llama_bf16.finetuned, "--aligned", llama_bf16.aligned,
-            "-p", llama_bf16_cache, "-o", out, "-k", 2]
+    args = [
+        "patch-model",
+        llama_bf16.finetuned,
+        "--aligned",
+        llama_bf16.aligned,
+        "-p",
+        llama_bf16_cache,
+        "-o",
+        out,
+        "-k",
+        2,
+    ]
     r = ok(*args, "--dry-run", "--json")
     assert json.loads(r.stdout)["dry_run"] is True and not out.exists()
     assert not list(tmp_path.iterdir())
@@ -309,12 +432,17 @@ def test_bad_inputs_exit_1_write_nothing_and_leave_inputs_alone(
     # Missing --aligned.
     _refused(cli("patch-model", t.finetuned, "-p", llama_bf16_cache, "-o", out), "--aligned")
     # FINETUNED == ALIGNED.
-    _refused(cli("patch-model", t.aligned, "--aligned", t.aligned, "-p", llama_bf16_cache,
-                 "-o", out), "same checkpoint")
+    _refused(
+        cli("patch-model", t.aligned, "--aligned", t.aligned, "-p", llama_bf16_cache, "-o", out),
+        "same checkpoint",
+    )
     # A LoRA adapter as FINETUNED.
     adapter = factory.write_adapter(tmp_path / "adapter", base=mt.read(t.base))
-    _refused(cli("patch-model", adapter, "--aligned", t.aligned, "-p", llama_bf16_cache,
-                 "-o", out), "LoRA adapter", "safelora patch")
+    _refused(
+        cli("patch-model", adapter, "--aligned", t.aligned, "-p", llama_bf16_cache, "-o", out),
+        "LoRA adapter",
+        "safelora patch",
+    )
     # Mismatched names: ALIGNED lacks a target.
     al = tmp_path / "al-names"
     shutil.copytree(t.aligned, al)
@@ -326,8 +454,11 @@ def test_bad_inputs_exit_1_write_nothing_and_leave_inputs_alone(
     del tensors[gone]
     save_file(tensors, str(f), metadata={"format": "pt"})
     idx_path.write_text(json.dumps(idx))
-    _refused(cli("patch-model", t.finetuned, "--aligned", al, "--base", t.base, "-o", out),
-             gone, "missing from the aligned model")
+    _refused(
+        cli("patch-model", t.finetuned, "--aligned", al, "--base", t.base, "-o", out),
+        gone,
+        "missing from the aligned model",
+    )
     # Mismatched shapes.
     al2 = tmp_path / "al-shapes"
     shutil.copytree(t.aligned, al2)
@@ -337,13 +468,19 @@ def test_bad_inputs_exit_1_write_nothing_and_leave_inputs_alone(
     tensors = load_file(str(f))
     tensors[name] = tensors[name][:-1].clone()
     save_file(tensors, str(f), metadata={"format": "pt"})
-    _refused(cli("patch-model", t.finetuned, "--aligned", al2, "--base", t.base, "-o", out),
-             name, "shape")
+    _refused(
+        cli("patch-model", t.finetuned, "--aligned", al2, "--base", t.base, "-o", out),
+        name,
+        "shape",
+    )
     # A cache lacking targets names the command that adds them.
     small = tmp_path / "small-cache"
     ok("compute-projections", t.base, t.aligned, "-o", small, "--targets", "q_proj", "-q")
-    _refused(cli("patch-model", t.finetuned, "--aligned", t.aligned, "-p", small, "-o", out),
-             "compute-projections", "--targets")
+    _refused(
+        cli("patch-model", t.finetuned, "--aligned", t.aligned, "-p", small, "-o", out),
+        "compute-projections",
+        "--targets",
+    )
     # A cache built from another aligned model (same names and shapes, other values).
     al3 = tmp_path / "al-other"
     shutil.copytree(t.aligned, al3)
@@ -351,8 +488,10 @@ def test_bad_inputs_exit_1_write_nothing_and_leave_inputs_alone(
     tensors = load_file(str(f))
     tensors["model.embed_tokens.weight"] += 1
     save_file(tensors, str(f), metadata={"format": "pt"})
-    _refused(cli("patch-model", t.finetuned, "--aligned", al3, "-p", llama_bf16_cache,
-                 "-o", out), "another aligned model")
+    _refused(
+        cli("patch-model", t.finetuned, "--aligned", al3, "-p", llama_bf16_cache, "-o", out),
+        "another aligned model",
+    )
     # NaN in a fine-tuned weight.
     ft = tmp_path / "ft-nan"
     shutil.copytree(t.finetuned, ft)
@@ -362,16 +501,40 @@ def test_bad_inputs_exit_1_write_nothing_and_leave_inputs_alone(
     tensors = load_file(str(f))
     tensors[name][0, 0] = float("nan")
     save_file(tensors, str(f), metadata={"format": "pt"})
-    _refused(cli("patch-model", ft, "--aligned", t.aligned, "-p", llama_bf16_cache, "-o", out),
-             "NaN", name)
+    _refused(
+        cli("patch-model", ft, "--aligned", t.aligned, "-p", llama_bf16_cache, "-o", out),
+        "NaN",
+        name,
+    )
     # The output may not be an input.
-    _refused(cli("patch-model", t.finetuned, "--aligned", t.aligned, "-p", llama_bf16_cache,
-                 "-o", t.finetuned / "sub"), "overlaps")
+    _refused(
+        cli(
+            "patch-model",
+            t.finetuned,
+            "--aligned",
+            t.aligned,
+            "-p",
+            llama_bf16_cache,
+            "-o",
+            t.finetuned / "sub",
+        ),
+        "overlaps",
+    )
     assert not out.exists()
     assert {str(p): mt.tree(p) for p in inputs} == before
     # Usage: both sources, or none (exit 2).
-    r = cli("patch-model", t.finetuned, "--aligned", t.aligned, "-p", llama_bf16_cache,
-            "--base", t.base, "-o", out)
+    r = cli(
+        "patch-model",
+        t.finetuned,
+        "--aligned",
+        t.aligned,
+        "-p",
+        llama_bf16_cache,
+        "--base",
+        t.base,
+        "-o",
+        out,
+    )
     assert r.exit_code == 2 and "mutually exclusive" in r.stderr
     r = cli("patch-model", t.finetuned, "--aligned", t.aligned, "-o", out)
     assert r.exit_code == 2 and "no projector source" in r.stderr
@@ -388,8 +551,20 @@ def test_inspect_a_full_model_table_json_and_gate(
     args = ["inspect", t.finetuned, "--aligned", t.aligned, "-p", llama_bf16_cache, "-k", 3]
     r = ok(*args, "--json")
     rep = json.loads(r.stdout)
-    r2 = ok("patch-model", t.finetuned, "--aligned", t.aligned, "-p", llama_bf16_cache,
-            "-o", tmp_path / "o", "-k", 3, "--dry-run", "--json")
+    r2 = ok(
+        "patch-model",
+        t.finetuned,
+        "--aligned",
+        t.aligned,
+        "-p",
+        llama_bf16_cache,
+        "-o",
+        tmp_path / "o",
+        "-k",
+        3,
+        "--dry-run",
+        "--json",
+    )
     patched = json.loads(r2.stdout)
     assert rep["modules"] == patched["modules"]  # inspect scores what patch-model projects
     ref = mt.oracle(t, conv1d=False)
@@ -424,7 +599,9 @@ def test_update_math_is_scale_safe_against_float64(scale: float) -> None:
     dw = torch.randn(12, 20, generator=g, dtype=torch.float64) * scale
     c = v @ v.T / torch.linalg.matrix_norm(v)
     ref_cd = c @ dw
-    ref_cos = float((ref_cd * dw).sum() / (torch.linalg.matrix_norm(ref_cd) * torch.linalg.matrix_norm(dw)))
+    ref_cos = float(
+        (ref_cd * dw).sum() / (torch.linalg.matrix_norm(ref_cd) * torch.linalg.matrix_norm(dw))
+    )
     proj = build_projector("w", v.float(), fan_in_fan_out=False)
     upd = project_update(proj, dw)  # float64 in, no float32 rounding of dW
     assert update_cosine(upd.cd, upd.d) == pytest.approx(ref_cos, abs=1e-6)
