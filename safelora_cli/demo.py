@@ -1,7 +1,8 @@
 """``make demo``: a tiny synthetic base/aligned pair and two adapters, end to end, offline.
 
 Writes everything under ``demo/`` (git-ignored) and runs the real command line on it:
-compute-projections, inspect, then patch with both adapters in one call.
+compute-projections, inspect, then patch with both adapters in one call, then patch-model on a
+tiny full fine-tune of the aligned model (``demo/finetuned``) with the same cache.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def _linear_shapes() -> dict[str, tuple[int, int]]:
 
 
 def build(root: Path) -> dict[str, Path]:
-    """Write the tiny pair and two adapters under ``root``; return their paths."""
+    """Write the tiny pair, a full fine-tune and two adapters under ``root``; return paths."""
     import torch
     from safetensors.torch import save_file
 
@@ -58,9 +59,16 @@ def build(root: Path) -> dict[str, Path]:
             aligned[name] = w + 0.05 * (u @ v) / HIDDEN**0.5
         else:
             aligned[name] = w.clone()
+    # A full fine-tune of the aligned model: dense noise on every weight (patch-model's input).
+    # Its own generator: the adapters below stay what they were before it existed.
+    g_ft = torch.Generator().manual_seed(1)
+    finetuned = {
+        name: w + 0.01 * torch.randn(w.shape, generator=g_ft) / HIDDEN**0.5
+        for name, w in aligned.items()
+    }
     config = {"model_type": "llama", "hidden_size": HIDDEN, "num_hidden_layers": LAYERS}
-    paths = {"base": root / "base", "aligned": root / "aligned"}
-    for key, tensors in (("base", base), ("aligned", aligned)):
+    paths = {"base": root / "base", "aligned": root / "aligned", "finetuned": root / "finetuned"}
+    for key, tensors in (("base", base), ("aligned", aligned), ("finetuned", finetuned)):
         paths[key].mkdir(parents=True)
         save_file(
             {k: v.to(torch.bfloat16).contiguous() for k, v in tensors.items()},
@@ -68,6 +76,9 @@ def build(root: Path) -> dict[str, Path]:
             metadata={"format": "pt"},
         )
         (paths[key] / "config.json").write_text(json.dumps(config, indent=2))
+    (paths["finetuned"] / "README.md").write_text(
+        "# finetuned\nA tiny synthetic full fine-tune of demo/aligned.\n"
+    )
 
     # Two adapters on q_proj and v_proj. "benign" keeps most updates inside the alignment
     # directions; "drifted" is random, so many of its modules leave the subspace.
@@ -152,6 +163,23 @@ def main() -> None:
         "4. patch both adapters in one call (3 lowest-cosine modules each)",
         ["patch", a, b, "-p", cache, "--num-layers", "3", "-o", str(root / "patched")],
     )
+    ok &= _run(
+        "5. patch a full fine-tune of the aligned model (patch-model, same cache)",
+        [
+            "patch-model",
+            str(p["finetuned"]),
+            "--aligned",
+            str(p["aligned"]),
+            "-p",
+            cache,
+            "--targets",
+            "q_proj,v_proj",
+            "--num-layers",
+            "3",
+            "-o",
+            str(root / "patched-model"),
+        ],
+    )
     print(f"\nDone in {time.perf_counter() - t0:.1f} s.")
     print(f"  inputs:       {root}/base, {root}/aligned, {root}/adapters/*")
     print(f"  cache:        {cache}")
@@ -159,6 +187,7 @@ def main() -> None:
         f"  new adapters: {root}/patched/benign-chat, {root}/patched/drifted-chat "
         "(each with safelora_report.json)"
     )
+    print(f"  new model:    {root}/patched-model (from {root}/finetuned)")
     if not ok:
         print("Some steps failed (see above).", file=sys.stderr)
         sys.exit(1)

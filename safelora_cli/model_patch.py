@@ -653,13 +653,17 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
 
 def write_safetensors(
     dest: Path,
-    entries: Sequence[tuple[str, str, Sequence[int], int, Callable[[], bytes]]],
+    entries: Sequence[tuple[str, str, Sequence[int], int, Callable[[], Any]]],
     metadata: dict[str, str],
+    *,
+    release: Callable[[Any], None] | None = None,
 ) -> None:
     """A safetensors file of ``(name, dtype, shape, nbytes, data)`` entries, in that order.
 
-    ``data()`` is called once per entry, as it is written, so one tensor's bytes are in memory
-    at a time. CheckpointError when ``data()`` returns another length. fsynced.
+    ``data()`` returns the entry's bytes (any bytes-like object: ``bytes``, a ``uint8`` array)
+    and is called once per entry, as it is written, so one tensor's bytes are in memory at a
+    time; ``release(chunk)`` is called once it is written (e.g. to hand a buffer back).
+    CheckpointError when a chunk has another length. fsynced.
     """
     header: dict[str, Any] = {"__metadata__": metadata}
     offset = 0
@@ -677,13 +681,17 @@ def write_safetensors(
         f.write(hb)
         for name, _, _, nbytes, data in entries:
             chunk = data()
-            if len(chunk) != nbytes:
+            view = memoryview(chunk).cast("B")
+            if view.nbytes != nbytes:
                 raise CheckpointError(
-                    f"{name}: {len(chunk)} bytes to write, expected {nbytes}",
+                    f"{name}: {view.nbytes} bytes to write, expected {nbytes}",
                     hint="An input file changed while it was being patched; run again.",
                     path=dest,
                 )
-            f.write(chunk)
+            f.write(view)
+            del view
+            if release is not None:
+                release(chunk)
         f.flush()
         os.fsync(f.fileno())
 
@@ -713,6 +721,19 @@ def _shard_rel(inputs: _Inputs, shard: Path) -> str:
     return str(shard.relative_to(inputs.ft.root)) if not inputs.single_file else shard.name
 
 
+def _give_back(pool: Any) -> Callable[[Any], None]:
+    """Hand a written chunk's buffer back to ``pool`` (projected weights' bytes are not pooled)."""
+
+    def release(chunk: Any) -> None:
+        import numpy as np
+        import torch
+
+        if isinstance(chunk, np.ndarray):
+            pool.give(torch.from_numpy(chunk))
+
+    return release
+
+
 def _write_shards(
     inputs: _Inputs,
     shards: Sequence[Path],
@@ -722,10 +743,14 @@ def _write_shards(
     staging: Path,
 ) -> None:
     """Write ``shards`` of FINETUNED into ``staging`` (projected weights replaced)."""
+    from safelora_cli.buffers import BufferPool
     from safelora_cli.projector import projected_weight
     from safelora_cli.reader import torch_dtype
 
     ft = inputs.ft
+    # Non-target tensors go from the file to the output through one reused byte buffer (never
+    # a tensor of their dtype, never a second copy): peak memory is the largest such tensor.
+    pool = BufferPool(max_free=1)
     chosen = {m.weight for m in report.modules if m.projected}
     meta_extra = provenance_metadata(report)
     per_shard: list[tuple[Path, list[str]]] = []
@@ -760,15 +785,17 @@ def _write_shards(
 
                 else:
 
-                    def data(n: str = n) -> bytes:
-                        return ft.read_bytes(n)
+                    def data(n: str = n, nbytes: int = ti.nbytes) -> Any:
+                        buf = pool.take(nbytes)
+                        ft.load_into(n, buf)  # the stored bytes, as they are
+                        return buf.numpy()
 
                 entries.append((n, ti.dtype, ti.shape, ti.nbytes, data))
             metadata = dict(ft.metadata(shard))
             metadata.update(meta_extra)
             dest = staging / _shard_rel(inputs, shard)
             dest.parent.mkdir(parents=True, exist_ok=True)
-            write_safetensors(dest, entries, metadata)
+            write_safetensors(dest, entries, metadata, release=_give_back(pool))
     finally:
         close = getattr(stream, "close", None)
         if close is not None:

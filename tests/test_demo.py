@@ -26,3 +26,7 @@ def test_demo_runs_every_step_and_writes_two_patched_adapters(tmp_path: Path) ->
         report = json.loads((d / "safelora_report.json").read_text())
         assert report["projected"] == 3 and report["total"] == 8
     assert "=== 4. patch both adapters" in out.stdout
+    model = tmp_path / "demo" / "patched-model"
+    report = json.loads((model / "safelora_report.json").read_text())
+    assert report["projected"] == 3 and report["total"] == 8  # q_proj, v_proj of 4 layers
+    assert "=== 5. patch a full fine-tune" in out.stdout
