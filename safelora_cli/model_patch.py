@@ -445,7 +445,9 @@ def _open_inputs(
                 )
             config = ft_spec.config or al_spec.config
             tl = model_targets(ft, al, targets=targets, config=config)
-            single = Path(finetuned).expanduser().is_file()
+            p = Path(finetuned).expanduser()
+            # One weights file: only it is written. An index file stands for its directory.
+            single = p.is_file() and not p.name.endswith(".safetensors.index.json")
             yield _Inputs(ft, ft_spec, al, al_spec, tl, single)
         finally:
             al.close()

@@ -60,3 +60,6 @@ TargetsOpt = Annotated[
 Revision = Annotated[
     str | None, typer.Option("--revision", help="Hub revision of the fine-tuned model.")
 ]
+ModelJson = Annotated[
+    bool, typer.Option("--json", help="Print the report as one JSON object on stdout.")
+]

@@ -633,3 +633,58 @@ def test_default_targets_skip_embeddings_lm_head_and_norms() -> None:
         "model.layers.0.self_attn.q_proj.bias",
     ):
         assert not is_block_weight(n), n
+
+
+def test_selection_ties_and_reasons_follow_the_official_rules() -> None:
+    from safelora_cli.model_patch import ModelModuleScore, decide
+    from safelora_cli.selection import Selection
+
+    def m(name: str, cos: float | None, why: str | None = None) -> ModelModuleScore:
+        return ModelModuleScore(
+            name, name + ".weight", 0, 4, 4, "BF16", False, cos, 1.0, 1.0, degenerate=why
+        )
+
+    # 0.300004 and 0.299996 both round to 0.30000: tied with the 2nd lowest, both projected.
+    scores = [m("a", 0.1), m("b", 0.300004), m("c", 0.299996), m("d", 0.5), m("e", None, "dW")]
+    rep = decide("x", "x", scores, Selection.from_flags(2, None, None))
+    assert {s.name for s in rep.modules if s.projected} == {"a", "b", "c"}
+    assert rep.decision.threshold == 0.3 and rep.ties == 1
+    assert rep.modules[3].reason.startswith("cosine 0.50000 is above")
+    assert rep.modules[4].reason == "dW" and not rep.modules[4].projected
+    rep = decide(
+        "x",
+        "x",
+        [m(s.name, s.cosine, s.degenerate) for s in scores],
+        Selection.from_flags(50, None, None),
+    )
+    assert rep.projected == 4  # K > N projects every weight with a cosine
+    rep = decide("x", "x", [m("e", None, "dW")], Selection.from_flags(None, None, 0.5))
+    assert rep.projected == 0 and rep.decision.threshold is None
+
+
+def test_single_file_index_argument_and_stray_weights(tmp_path: Path) -> None:
+    trio = mt.llama_trio(tmp_path / "single", shard=None, seed=9)
+    assert (trio.finetuned / "model.safetensors").is_file()
+    (trio.finetuned / "pytorch_model.bin").write_bytes(b"stale unpatched weights")
+    common = ["--aligned", trio.aligned, "--base", trio.base, "-k", 2, "-q"]
+    ok("patch-model", trio.finetuned, *common, "-o", tmp_path / "dir")
+    names = {p.name for p in (tmp_path / "dir").iterdir()}
+    assert "pytorch_model.bin" not in names and "tokenizer_config.json" in names
+    ok("patch-model", trio.finetuned / "model.safetensors", *common, "-o", tmp_path / "file")
+    assert {p.name for p in (tmp_path / "file").iterdir()} == {
+        "model.safetensors",
+        "safelora_report.json",
+    }
+    assert mt.raw(tmp_path / "file") == mt.raw(tmp_path / "dir")
+
+
+def test_an_index_file_argument_stands_for_its_directory(
+    llama_bf16: mt.Trio, llama_bf16_cache: Path, tmp_path: Path
+) -> None:
+    idx = llama_bf16.finetuned / "model.safetensors.index.json"
+    args = ["--aligned", llama_bf16.aligned, "-p", llama_bf16_cache, "-k", 2, "-q"]
+    ok("patch-model", idx, *args, "-o", tmp_path / "a")
+    ok("patch-model", llama_bf16.finetuned, *args, "-o", tmp_path / "b")
+    a, b = mt.tree(tmp_path / "a"), mt.tree(tmp_path / "b")
+    assert set(a) == set(b) and "model.safetensors.index.json" in a
+    assert mt.raw(tmp_path / "a") == mt.raw(tmp_path / "b")  # metadata names the argument
