@@ -22,8 +22,8 @@ Contract:
   holds every target. GPT-2 ``Conv1D`` weights (``config.json`` ``model_type``,
   :func:`safelora_cli.targets.is_conv1d`) are transposed to linear orientation.
 - Per target: ``ΔW = W_ft - W_aligned`` (float32 before subtracting,
-  :func:`safelora_cli.projector.alignment_delta`), ``C ΔW`` scale-safe in float64
-  (:func:`safelora_cli.projector.project_update`), the cosine
+  :func:`safelora_cli.projector.alignment_delta`), ``C ΔW`` scale-safe in float64, a block of
+  columns at a time (:func:`safelora_cli.projector.update_sums`), the cosine
   (:func:`safelora_cli.scoring.update_cosine`). ``ΔW == 0`` or ``V == 0``: no cosine, never
   projected. Selection over the model's targets by :func:`safelora_cli.selection.select`,
   exactly as ``patch`` selects LoRA modules.
@@ -552,28 +552,26 @@ def open_model_source(
 # ----------------------------------------------------------------------------- scoring
 
 
-def _update(
-    inputs: _Inputs, t: ModelTarget, proj: Any
-) -> tuple[torch.Tensor, Any]:  # (aligned weight as stored, ProjectedUpdate)
-    from safelora_cli.projector import alignment_delta, project_update
+def _delta(inputs: _Inputs, t: ModelTarget) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W_aligned as stored, dW = W_ft - W_aligned in linear orientation, float32)``."""
+    from safelora_cli.projector import alignment_delta
 
     w_ft = inputs.ft.load(t.weight)
     w_al = inputs.aligned.load(t.weight)
-    dw = alignment_delta(w_al, w_ft, fan_in_fan_out=t.fan_in_fan_out)  # W_ft - W_aligned
-    del w_ft
-    try:
-        upd = project_update(proj, dw)
-    except ValueError:
-        raise CheckpointError(
-            f"{t.weight}: W_ft - W_aligned contains NaN or Inf ({t.shard} vs "
-            f"{inputs.aligned.info(t.weight).path})",
-            hint="one of the checkpoints is corrupt or overflowed; re-download or re-save it",
-            path=t.shard,
-        ) from None
-    return w_al, upd
+    return w_al, alignment_delta(w_al, w_ft, fan_in_fan_out=t.fan_in_fan_out)
+
+
+def _non_finite(inputs: _Inputs, t: ModelTarget) -> CheckpointError:
+    return CheckpointError(
+        f"{t.weight}: W_ft - W_aligned contains NaN or Inf ({t.shard} vs "
+        f"{inputs.aligned.info(t.weight).path})",
+        hint="one of the checkpoints is corrupt or overflowed; re-download or re-save it",
+        path=t.shard,
+    )
 
 
 def _score_one(inputs: _Inputs, t: ModelTarget, proj: Any) -> ModelModuleScore:
+    from safelora_cli.projector import update_sums
     from safelora_cli.scoring import (
         REASON_NO_SIGNAL,
         REASON_NOT_FINETUNED,
@@ -582,17 +580,19 @@ def _score_one(inputs: _Inputs, t: ModelTarget, proj: Any) -> ModelModuleScore:
         update_norm,
     )
 
-    _, upd = _update(inputs, t, proj)
-    cos = None
+    _, dw = _delta(inputs, t)
+    try:
+        sums = update_sums(proj, dw)
+        cos = update_cosine(sums)
+    except ValueError:
+        raise _non_finite(inputs, t) from None
     degenerate = None
-    if upd.scale == 0.0:
-        degenerate = REASON_NOT_FINETUNED.format(weight=t.weight)
+    if sums.scale == 0.0:
+        degenerate, cos = REASON_NOT_FINETUNED.format(weight=t.weight), None
     elif proj.degenerate:
-        degenerate = REASON_NO_SIGNAL.format(weight=t.weight)
-    else:
-        cos = update_cosine(upd.cd, upd.d)
-        if cos is None:
-            degenerate = REASON_UPDATE_ORTHOGONAL
+        degenerate, cos = REASON_NO_SIGNAL.format(weight=t.weight), None
+    elif cos is None:
+        degenerate = REASON_UPDATE_ORTHOGONAL
     return ModelModuleScore(
         name=t.name,
         weight=t.weight,
@@ -602,7 +602,7 @@ def _score_one(inputs: _Inputs, t: ModelTarget, proj: Any) -> ModelModuleScore:
         dtype=t.dtype,
         fan_in_fan_out=t.fan_in_fan_out,
         cosine=cos,
-        norm_dw=update_norm(upd.d, upd.scale),
+        norm_dw=update_norm(sums),
         norm_v=float(proj.norm_v),
         degenerate=degenerate,
     )
@@ -775,14 +775,18 @@ def _write_shards(
 
                     def data(t: ModelTarget = t) -> bytes:
                         proj = next(stream)
-                        w_al, upd = _update(inputs, t, proj)
-                        del proj
-                        w = projected_weight(
-                            w_al,
-                            upd,
-                            fan_in_fan_out=t.fan_in_fan_out,
-                            dtype=torch_dtype(t.dtype),
-                        )
+                        w_al, dw = _delta(inputs, t)
+                        try:
+                            w = projected_weight(
+                                proj,
+                                w_al,
+                                dw,
+                                fan_in_fan_out=t.fan_in_fan_out,
+                                dtype=torch_dtype(t.dtype),
+                            )
+                        except ValueError:
+                            raise _non_finite(inputs, t) from None
+                        del proj, w_al, dw
                         return tensor_bytes(w)
 
                 else:
@@ -890,9 +894,12 @@ def score_model(
 ) -> ModelReport:
     """What ``patch-model --dry-run`` computes (``inspect FINETUNED --aligned ...``); nothing is
     written. ``output`` is None in the report."""
+    from safelora_cli.compute import limit_heap_retention
+
     selection = selection or Selection.from_flags(None, None, None)
     check_model_flags(finetuned, aligned, projections, base, revision_base)
     assert aligned is not None
+    limit_heap_retention()  # weight-sized buffers go back to the OS when freed
     with (
         _open_inputs(
             finetuned,
@@ -960,8 +967,11 @@ def patch_model(
             progress=progress,
             dist=dist,
         )
+    from safelora_cli.compute import limit_heap_retention
+
     check_model_flags(finetuned, aligned, projections, base, revision_base)
     assert aligned is not None
+    limit_heap_retention()  # weight-sized buffers go back to the OS when freed
     others = other_inputs(
         [("aligned model", aligned), ("base model", base), ("projection cache", projections)]
     )
@@ -1025,6 +1035,7 @@ def _patch_model_distributed(
     all_gather (scores), then, unless ``dry_run``: broadcast (rank 0's staging directory, or
     None when staging failed), agree (every rank's shards written), agree (published).
     """
+    from safelora_cli.compute import limit_heap_retention
     from safelora_cli.distributed import balance, rank_device
 
     err: Exception | None = None
@@ -1039,6 +1050,7 @@ def _patch_model_distributed(
         try:
             check_model_flags(finetuned, aligned, projections, base, revision_base)
             assert aligned is not None
+            limit_heap_retention()
             others = other_inputs(
                 [
                     ("aligned model", aligned),

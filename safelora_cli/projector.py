@@ -352,29 +352,60 @@ def prefetched(fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
 
 # ----------------------------------------------------------------------------- full fine-tunes
 
+# Columns of dW per product: C @ dW is formed a block of columns at a time, so a weight's float64
+# temporaries are d_out x UPDATE_BLOCK instead of d_out x d_in (memory flat in the weight's size).
+UPDATE_BLOCK = 256
 
-@dataclass
-class ProjectedUpdate:
-    """A full fine-tune's update ``ΔW`` and its projection, scale-safe (DESIGN §1).
 
-    ``d = ΔW / scale`` and ``cd = C d`` are float64 ``[d_out, d_in]`` (linear orientation) on
-    the projector's device, ``scale = max|ΔW|`` (0 when ``ΔW == 0``; then both are zeros).
-    ``C ΔW = scale * cd``. Dividing by the max-abs first keeps every product and norm inside
-    float64's range whatever the magnitudes of the weights.
+@dataclass(frozen=True)
+class UpdateSums:
+    """What the cosine of a full update needs, from :func:`update_sums` (float64).
+
+    With ``D = dW / scale`` (``scale = max|dW|``, 0 when ``dW == 0``): ``inner = <C D, D>_F``,
+    ``cd_sq = ||C D||_F^2``, ``d_sq = ||D||_F^2``. Dividing by the max-abs first keeps every
+    product and sum inside float64's range whatever the magnitudes of the weights.
     """
 
-    d: torch.Tensor
-    cd: torch.Tensor
     scale: float
+    inner: float
+    cd_sq: float
+    d_sq: float
 
 
-def project_update(proj: Projector, dw: torch.Tensor) -> ProjectedUpdate:
-    """``C ΔW`` of a full update ``dw`` (``[d_out, d_in]``, linear orientation, any float dtype).
+def update_scale(dw: torch.Tensor) -> float:
+    """``max|dW|`` (exact: a max); ValueError when ``dw`` holds NaN or Inf."""
+    import torch
 
-    ``dw`` is ``W_ft - W_aligned`` as :func:`alignment_delta` forms it (``alignment_delta(
-    w_aligned, w_ft, ...)``: float32 before subtracting). Gram: ``C D``; factor: ``F (F^T D)``
-    (never forming ``d_out x d_out``), both in float64 through :meth:`Projector.apply`. ValueError
-    when ``dw`` has NaN/Inf or the wrong shape (the caller names the weight and files).
+    if dw.numel() == 0:
+        return 0.0
+    lo, hi = torch.aminmax(dw)
+    scale = max(-float(lo), float(hi))
+    if not math.isfinite(scale) or math.isnan(float(lo)):
+        raise ValueError("the update contains NaN or Inf")
+    return scale
+
+
+def _f64(proj: Projector) -> Projector:
+    import dataclasses
+
+    import torch
+
+    if proj.tensor.dtype == torch.float64:
+        return proj
+    return dataclasses.replace(proj, tensor=proj.tensor.to(torch.float64))
+
+
+def update_blocks(
+    proj: Projector, dw: torch.Tensor, scale: float, *, block: int = UPDATE_BLOCK
+) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+    """``(c0, c1, D[:, c0:c1], (C D)[:, c0:c1])`` for ``D = dw / scale``, float64 on the
+    projector's device, one block of columns at a time.
+
+    ``dw``: ``W_ft - W_aligned`` in linear orientation ``[d_out, d_in]``, as
+    :func:`alignment_delta` forms it (``alignment_delta(w_aligned, w_ft, ...)``: float32 before
+    subtracting). Gram: ``C D``; factor: ``F (F^T D)`` (never ``d_out x d_out``), through
+    :meth:`Projector.apply` with the projector upcast to float64 once. ``scale == 0`` (or a
+    degenerate projector) gives zero products. ValueError for the wrong shape.
     """
     import torch
 
@@ -383,36 +414,58 @@ def project_update(proj: Projector, dw: torch.Tensor) -> ProjectedUpdate:
             f"{proj.weight}: update has shape {tuple(dw.shape)}, projector is "
             f"[{proj.d_out}, {proj.d_in}]"
         )
-    d = dw.to(device=proj.tensor.device, dtype=torch.float64)
-    scale = float(d.abs().max()) if d.numel() else 0.0
-    if not math.isfinite(scale):
-        raise ValueError(f"{proj.weight}: the update W_ft - W_aligned contains NaN or Inf")
-    if scale == 0.0:
-        return ProjectedUpdate(d, torch.zeros_like(d), 0.0)
-    d.div_(scale)
-    return ProjectedUpdate(d, proj.apply(d), scale)
+    p64 = _f64(proj)
+    dev = p64.tensor.device
+    for c0 in range(0, proj.d_in, block):
+        c1 = min(proj.d_in, c0 + block)
+        # copy=True: a float64 dw must not be scaled in place.
+        d = dw[:, c0:c1].to(device=dev, dtype=torch.float64, copy=True)
+        if scale:
+            d.div_(scale)
+        else:
+            d.zero_()
+        cd = p64.apply(d) if scale else torch.zeros_like(d)
+        yield c0, c1, d, cd
+
+
+def update_sums(proj: Projector, dw: torch.Tensor, *, block: int = UPDATE_BLOCK) -> UpdateSums:
+    """The sums :func:`safelora_cli.scoring.update_cosine` needs (see :class:`UpdateSums`).
+
+    ValueError when ``dw`` holds NaN/Inf or has the wrong shape (the caller names the weight).
+    """
+    scale = update_scale(dw)
+    inner = cd_sq = d_sq = 0.0
+    for _, _, d, cd in update_blocks(proj, dw, scale, block=block):
+        inner += float((cd * d).sum())
+        cd_sq += float((cd * cd).sum())
+        d_sq += float((d * d).sum())
+    return UpdateSums(scale, inner, cd_sq, d_sq)
 
 
 def projected_weight(
+    proj: Projector,
     w_aligned: torch.Tensor,
-    upd: ProjectedUpdate,
+    dw: torch.Tensor,
     *,
     fan_in_fan_out: bool,
     dtype: torch.dtype,
+    block: int = UPDATE_BLOCK,
 ) -> torch.Tensor:
-    """``W_aligned + C ΔW`` in the stored orientation, cast once to ``dtype`` (CPU, contiguous).
+    """``W_aligned + C dW`` in the stored orientation, cast once to ``dtype`` (CPU, contiguous).
 
-    ``w_aligned`` is the stored tensor (``[in, out]`` when ``fan_in_fan_out``). The sum is
-    formed in float64 from the exact upcast of ``w_aligned``, so the only rounding after the
-    product is the final cast (for bf16: one rounding of the float64 sum).
+    ``w_aligned`` is the stored tensor (``[in, out]`` when ``fan_in_fan_out``); ``dw`` is linear
+    orientation (see :func:`update_blocks`). Each block is summed in float64 from the exact
+    upcast of ``w_aligned`` and ``scale * C D``, then cast: the only rounding after the product
+    is that one cast (for bf16: one rounding of the float64 sum).
     """
     import torch
 
-    cd = upd.cd.to(device="cpu")
-    w = w_aligned.to(device="cpu", dtype=torch.float64)
-    if fan_in_fan_out:
-        w = w.t()
-    out = torch.add(w, cd, alpha=upd.scale) if upd.scale else w.clone()
-    if fan_in_fan_out:
-        out = out.t()
-    return out.to(dtype).contiguous()
+    scale = update_scale(dw)
+    out = torch.empty(tuple(w_aligned.shape), dtype=dtype)
+    out_lin = out.t() if fan_in_fan_out else out
+    w_lin = w_aligned.t() if fan_in_fan_out else w_aligned
+    for c0, c1, _, cd in update_blocks(proj, dw, scale, block=block):
+        w = w_lin[:, c0:c1].to(dtype=torch.float64, copy=True)  # never add into the input
+        w.add_(cd.to(device="cpu"), alpha=scale)
+        out_lin[:, c0:c1] = w.to(dtype)
+    return out

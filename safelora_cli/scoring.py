@@ -64,6 +64,7 @@ if TYPE_CHECKING:
 
     from safelora_cli.adapter import Adapter, LoraModule, SkippedModule
     from safelora_cli.progress import Progress
+    from safelora_cli.projector import UpdateSums
 
 REASON_NO_SIGNAL = "no alignment signal: V = W_aligned - W_base is zero for {weight}"
 REASON_UNTRAINED = "untrained LoRA: B A is zero"
@@ -438,36 +439,23 @@ REASON_NOT_FINETUNED = "not fine-tuned: dW = W_ft - W_aligned is zero for {weigh
 REASON_UPDATE_ORTHOGONAL = "C dW is zero: the update is orthogonal to the alignment subspace"
 
 
-def update_cosine(cd: torch.Tensor, d: torch.Tensor) -> float | None:
-    """``cos = <C ΔW, ΔW>_F / (||C ΔW||_F ||ΔW||_F)`` in float64, or None when either is zero.
+def update_cosine(sums: UpdateSums) -> float | None:
+    """``cos = <C dW, dW>_F / (||C dW||_F ||dW||_F)`` from float64 sums, or None when either
+    norm is zero (never a division by zero). Clamped to [-1, 1].
 
-    ``cd = C D`` and ``d = D = ΔW / s`` for any positive ``s`` (the cosine does not depend on
-    it; :func:`safelora_cli.projector.project_update` divides by the max-abs). Both are divided
-    by their own max-abs again before the products, so nothing overflows or underflows.
-    ValueError on NaN/Inf. The result is clamped to [-1, 1].
+    ``sums`` comes from :func:`safelora_cli.projector.update_sums`: the products of
+    ``D = dW / max|dW|``, so the cosine (independent of that scale) is formed from numbers of
+    order one whatever the weights' magnitudes. ValueError on NaN/Inf sums.
     """
-    import torch
-
-    x = cd.to(dtype=torch.float64)
-    y = d.to(device=x.device, dtype=torch.float64)
-    sx = float(x.abs().max()) if x.numel() else 0.0
-    sy = float(y.abs().max()) if y.numel() else 0.0
-    if not (math.isfinite(sx) and math.isfinite(sy)):
+    vals = (sums.inner, sums.cd_sq, sums.d_sq)
+    if not all(math.isfinite(v) for v in vals):
         raise ValueError("the update or its projection contains NaN or Inf")
-    if sx == 0.0 or sy == 0.0:
+    if not (sums.cd_sq > 0.0 and sums.d_sq > 0.0):
         return None
-    x = x / sx
-    y = y / sy
-    nx = float(torch.linalg.vector_norm(x))
-    ny = float(torch.linalg.vector_norm(y))
-    if not (nx > 0.0 and ny > 0.0):
-        return None
-    cos = float((x * y).sum()) / (nx * ny)
+    cos = sums.inner / (math.sqrt(sums.cd_sq) * math.sqrt(sums.d_sq))
     return max(-1.0, min(1.0, cos))
 
 
-def update_norm(d: torch.Tensor, scale: float) -> float:
-    """``||ΔW||_F`` from ``d = ΔW / scale`` (float64; ``scale`` multiplies after the norm)."""
-    import torch
-
-    return float(torch.linalg.vector_norm(d.to(dtype=torch.float64))) * abs(scale)
+def update_norm(sums: UpdateSums) -> float:
+    """``||dW||_F`` from the sums (``sqrt(||D||^2) * max|dW|``, float64)."""
+    return math.sqrt(max(sums.d_sq, 0.0)) * abs(sums.scale)
