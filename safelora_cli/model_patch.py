@@ -723,19 +723,6 @@ def _shard_rel(inputs: _Inputs, shard: Path) -> str:
     return str(shard.relative_to(inputs.ft.root)) if not inputs.single_file else shard.name
 
 
-def _give_back(pool: Any) -> Callable[[Any], None]:
-    """Hand a written chunk's buffer back to ``pool`` (projected weights' bytes are not pooled)."""
-
-    def release(chunk: Any) -> None:
-        import numpy as np
-        import torch
-
-        if isinstance(chunk, np.ndarray):
-            pool.give(torch.from_numpy(chunk))
-
-    return release
-
-
 def _write_shards(
     inputs: _Inputs,
     shards: Sequence[Path],
@@ -743,16 +730,18 @@ def _write_shards(
     report: ModelReport,
     by_weight: dict[str, ModelTarget],
     staging: Path,
+    progress: Progress | None = None,
 ) -> None:
     """Write ``shards`` of FINETUNED into ``staging`` (projected weights replaced)."""
-    from safelora_cli.buffers import BufferPool
+    import torch
+
     from safelora_cli.projector import projected_weight
     from safelora_cli.reader import torch_dtype
 
     ft = inputs.ft
-    # Non-target tensors go from the file to the output through one reused byte buffer (never
-    # a tensor of their dtype, never a second copy): peak memory is the largest such tensor.
-    pool = BufferPool(max_free=1)
+    # Non-target tensors go from the file to the output through a byte buffer (never a tensor
+    # of their dtype, never a second copy), freed once written: a reused buffer would keep the
+    # largest one (an embedding) resident while the projected weights are computed.
     chosen = {m.weight for m in report.modules if m.projected}
     meta_extra = provenance_metadata(report)
     per_shard: list[tuple[Path, list[str]]] = []
@@ -765,6 +754,8 @@ def _write_shards(
         (n, by_weight[n].fan_in_fan_out) for _, names in per_shard for n in names if n in chosen
     ]
     stream: Any = iter(source.projectors(requests)) if requests else iter(())
+    if progress is not None:
+        progress.start(len(per_shard), "writing")
     try:
         for shard, names in per_shard:
             entries = []
@@ -792,7 +783,7 @@ def _write_shards(
                 else:
 
                     def data(n: str = n, nbytes: int = ti.nbytes) -> Any:
-                        buf = pool.take(nbytes)
+                        buf = torch.empty(nbytes, dtype=torch.uint8)
                         ft.load_into(n, buf)  # the stored bytes, as they are
                         return buf.numpy()
 
@@ -801,11 +792,15 @@ def _write_shards(
             metadata.update(meta_extra)
             dest = staging / _shard_rel(inputs, shard)
             dest.parent.mkdir(parents=True, exist_ok=True)
-            write_safetensors(dest, entries, metadata, release=_give_back(pool))
+            write_safetensors(dest, entries, metadata)
+            if progress is not None:
+                progress.advance(1, sum(e[3] for e in entries))
     finally:
         close = getattr(stream, "close", None)
         if close is not None:
             close()
+        if progress is not None:
+            progress.finish()
 
 
 _OTHER_WEIGHTS = re.compile(
@@ -998,7 +993,7 @@ def patch_model(
             by_weight = {t.weight: t for t in inputs.targets}
 
             def write(item: ModelReport, staging: Path) -> None:
-                _write_shards(inputs, inputs.ft.files, source, item, by_weight, staging)
+                _write_shards(inputs, inputs.ft.files, source, item, by_weight, staging, progress)
                 _write_rest(inputs, item, staging)
 
             try:
@@ -1102,7 +1097,9 @@ def _patch_model_distributed(
         by_weight = {t.weight: t for t in inputs.targets}
 
         def write_mine(staging: Path) -> None:
-            _write_shards(inputs, mine, source, report, by_weight, staging)
+            _write_shards(
+                inputs, mine, source, report, by_weight, staging, progress if dist.is_main else None
+            )
 
         if dist.is_main:
             _main_rank_write(

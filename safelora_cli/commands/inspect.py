@@ -509,6 +509,12 @@ def command(
             quiet=quiet,
         )
         return
+    if targets is not None or revision is not None:
+        raise UsageError(
+            "--targets and --revision apply to a fully fine-tuned model "
+            "(inspect FINETUNED --aligned ALIGNED ...).",
+            hint="Drop them for adapters and caches; an adapter's modules are its targets.",
+        )
 
     if not adapters:
         if projections is None:
