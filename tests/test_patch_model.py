@@ -702,3 +702,53 @@ def test_an_index_file_argument_stands_for_its_directory(
     a, b = mt.tree(tmp_path / "a"), mt.tree(tmp_path / "b")
     assert set(a) == set(b) and "model.safetensors.index.json" in a
     assert mt.raw(tmp_path / "a") == mt.raw(tmp_path / "b")  # metadata names the argument
+
+
+def test_patch_model_help_imports_no_torch_and_lists_every_flag() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom safelora_cli.cli import app\n"
+        "try:\n    app(['patch-model', '--help'])\nexcept SystemExit:\n    pass\n"
+        "print('TORCH' if 'torch' in sys.modules else 'NOTORCH', file=sys.stderr)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stderr.strip().splitlines()[-1] == "NOTORCH", out.stderr
+    for flag in (
+        "--aligned",
+        "--projections",
+        "--base",
+        "--num-layers",
+        "--threshold",
+        "--fraction",
+        "--targets",
+        "--device",
+        "--dry-run",
+        "--force",
+        "--json",
+        "--quiet",
+        "--revision",
+        "--revision-aligned",
+        "--revision-base",
+        "--output",
+    ):
+        assert flag in out.stdout, flag
+
+
+def test_inspect_refuses_model_flags_for_an_adapter(tmp_path: Path) -> None:
+    from tests import factory
+
+    pair = factory.make_pair(tmp_path / "pair")
+    adapter = factory.write_adapter(tmp_path / "adapter", base=pair.base)
+    r = cli(
+        "inspect",
+        adapter,
+        "--base",
+        pair.base_dir,
+        "--aligned",
+        pair.aligned_dir,
+        "--targets",
+        "q_proj",
+    )
+    assert r.exit_code == 2 and "--targets" in r.stderr
