@@ -752,3 +752,85 @@ def test_inspect_refuses_model_flags_for_an_adapter(tmp_path: Path) -> None:
         "q_proj",
     )
     assert r.exit_code == 2 and "--targets" in r.stderr
+
+
+def _cache_repo(repo_id: str, src: Path, commit: str) -> None:
+    """Lay ``src`` out as huggingface_hub's cache does (blobs + snapshot symlinks), offline."""
+    import os
+
+    repo = Path(os.environ["HF_HUB_CACHE"]) / ("models--" + repo_id.replace("/", "--"))
+    snap = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    snap.mkdir(parents=True)
+    for f in sorted(src.iterdir()):
+        blob = repo / "blobs" / f"{commit[:8]}-{f.name}"
+        shutil.copyfile(f, blob)
+        (snap / f.name).symlink_to(Path("../../blobs") / blob.name)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+
+
+def test_hub_ids_from_the_offline_cache(llama_bf16: mt.Trio, tmp_path: Path) -> None:
+    _cache_repo("org/finetuned", llama_bf16.finetuned, "a" * 40)
+    _cache_repo("org/aligned", llama_bf16.aligned, "b" * 40)
+    common = ["--base", llama_bf16.base, "-k", 3, "--json"]
+    r = ok(
+        "patch-model", "org/finetuned", "--aligned", "org/aligned", *common, "-o", tmp_path / "hub"
+    )
+    rep = json.loads(r.stdout)
+    assert rep["sources"]["finetuned"]["commit"] == "a" * 40
+    assert rep["sources"]["aligned"]["repo_id"] == "org/aligned"
+    ok(
+        "patch-model",
+        llama_bf16.finetuned,
+        "--aligned",
+        llama_bf16.aligned,
+        *common,
+        "-o",
+        tmp_path / "local",
+    )
+    assert mt.raw(tmp_path / "hub") == mt.raw(tmp_path / "local")
+    assert (tmp_path / "hub" / "config.json").read_bytes() == (
+        llama_bf16.finetuned / "config.json"
+    ).read_bytes()
+    assert not any(p.is_symlink() for p in (tmp_path / "hub").iterdir())
+
+
+def test_a_failed_write_leaves_no_partial_output_and_keeps_the_old_one(
+    llama_bf16: mt.Trio, llama_bf16_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import safelora_cli.model_patch as mp
+
+    out = tmp_path / "out"
+    args = [
+        "patch-model",
+        llama_bf16.finetuned,
+        "--aligned",
+        llama_bf16.aligned,
+        "-p",
+        llama_bf16_cache,
+        "-o",
+        out,
+        "-q",
+    ]
+    real = mp.write_safetensors
+    calls = []
+
+    def failing(dest: Path, *a: Any, **kw: Any) -> None:
+        calls.append(dest.name)
+        if len(calls) == 2:  # the second shard: the first is already staged
+            raise OSError(28, "No space left on device")
+        real(dest, *a, **kw)
+
+    monkeypatch.setattr(mp, "write_safetensors", failing)
+    r = cli(*args)
+    _refused(r, "No space left", str(out.resolve()))
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(mp, "write_safetensors", real)
+    ok(*args, "-k", 1)
+    before = mt.tree(out)
+    calls.clear()
+    monkeypatch.setattr(mp, "write_safetensors", failing)
+    _refused(cli(*args, "--force"), "No space left")
+    assert mt.tree(out) == before  # the previous output is untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
