@@ -232,10 +232,12 @@ def _selection_lines(report: Any, defined: int) -> list[str]:
 def _summary_lines(report: Any) -> list[str]:
     defined = sum(1 for m in report.modules if m.cosine is not None)
     undefined = len(report.modules) - defined
-    first = f"projected {report.projected} of {report.total} modules"
+    model = getattr(report, "kind", "adapter") == "model"
+    unit = "weights" if model else "modules"
+    first = f"projected {report.projected} of {report.total} {unit}"
     if undefined:
         first += f" ({undefined} without a cosine, never projected)"
-    if getattr(report, "kind", "adapter") == "model":  # Pdst is a LoRA figure
+    if model:  # Pdst is a LoRA figure
         return [first, *_selection_lines(report, defined)]
     return [first, *_selection_lines(report, defined), f"Pdst {_num(report.pdst, '.5f')}"]
 
