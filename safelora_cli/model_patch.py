@@ -36,8 +36,8 @@ Contract:
   written with :mod:`safelora_cli.output` (atomic, ``--force`` replaces only a directory with
   ``config.json`` or ``safelora_report.json``, or an empty one). ``dry_run`` writes nothing.
 - Streaming: pass 1 scores one target at a time (a few weight triples resident); pass 2 writes
-  shard by shard, non-target tensors copied as raw bytes (``CheckpointReader.read_bytes``),
-  the selected weights read and projected again (so they are read twice).
+  shard by shard, non-target tensors copied as raw bytes (``CheckpointReader.load_into`` into a
+  byte buffer), the selected weights read and projected again (so they are read twice).
 - Several processes (``dist=``): the shards are split (:func:`safelora_cli.distributed.balance`
   by bytes and flops); each rank scores the targets of its shards; the scores are gathered so
   every rank takes the same decision; each rank writes its shards into the one staging
