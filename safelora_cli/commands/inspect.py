@@ -543,7 +543,7 @@ def command(
         _inspect_adapters_alone(adapters, json_out=json_out)
         return
 
-    from safelora_cli.inspection import gate, score
+    from safelora_cli.inspection import score
     from safelora_cli.selection import Selection
 
     selection = Selection.from_flags(num_layers, threshold, fraction)
@@ -562,17 +562,15 @@ def command(
         _emit_lines([json.dumps(r.to_json()) for r in reports])
     else:
         _render_reports(reports, sort_key, top)
-    if fail_below is not None:
-        result = gate(reports, fail_below)
-        if not result.passed:
-            raise GateError(
-                f"gate --fail-below {fail_below:g}: {result.message()}",
-                hint="These updates left the alignment subspace: "
-                "patch the adapter with safelora patch, or review it.",
-            )
+    _gate(reports, fail_below)
 
 
-def _gate(reports: Sequence[Any], fail_below: float | None) -> None:
+def _gate(
+    reports: Sequence[Any],
+    fail_below: float | None,
+    fix: str = "patch the adapter with safelora patch, or review it.",
+) -> None:
+    """GateError (exit 3) when ``--fail-below`` trips; ``fix`` completes the hint."""
     from safelora_cli.inspection import gate
 
     if fail_below is None:
@@ -581,8 +579,7 @@ def _gate(reports: Sequence[Any], fail_below: float | None) -> None:
     if not result.passed:
         raise GateError(
             f"gate --fail-below {fail_below:g}: {result.message()}",
-            hint="These updates left the alignment subspace: patch them (safelora patch / "
-            "patch-model), or review them.",
+            hint=f"These updates left the alignment subspace: {fix}",
         )
 
 
@@ -631,7 +628,7 @@ def _inspect_model(
         _emit_lines([json.dumps(report.to_json(), allow_nan=False)])
     else:
         _render_reports([report], sort_key, top)
-    _gate([report], fail_below)
+    _gate([report], fail_below, "patch the model with safelora patch-model, or review it.")
 
 
 def _inspect_cache(projections: Any, *, json_out: bool, quiet: bool) -> None:
