@@ -34,7 +34,8 @@ Contract:
   sum, cast once to FINETUNED's dtype, stored orientation). Each shard's ``__metadata__`` is the
   input's plus ``safelora.*`` provenance; ``safelora_report.json`` at the top. Planned and
   written with :mod:`safelora_cli.output` (atomic, ``--force`` replaces only a directory with
-  ``config.json`` or ``safelora_report.json``, or an empty one). ``dry_run`` writes nothing.
+  ``safelora_report.json``, an earlier output, or an empty one: never a model directory that
+  safelora did not write). ``dry_run`` writes nothing.
 - Streaming: pass 1 scores one target at a time (a few weight triples resident); pass 2 writes
   shard by shard, non-target tensors copied as raw bytes (``CheckpointReader.load_into`` into a
   byte buffer), the selected weights read and projected again (so they are read twice).
@@ -83,7 +84,6 @@ if TYPE_CHECKING:
     from safelora_cli.reader import CheckpointReader
 
 META_PREFIX = "safelora."
-CONFIG_NAME = "config.json"
 ADAPTER_CONFIG = "adapter_config.json"
 FT_LABEL = "fine-tuned model"
 # A component naming a repeated block, followed by its index: layers.3, h.0, blocks.12, ...
@@ -854,8 +854,10 @@ def _plan(inputs: _Inputs, output: Path, force: bool, others: list[tuple[str, Pa
         output,
         force=force,
         others=others,
-        markers=(CONFIG_NAME, REPORT_NAME),
-        what="model",
+        # Only an earlier patch-model output (or an empty directory): a model directory with
+        # just a config.json is someone's model, and --force must not wipe it.
+        markers=(REPORT_NAME,),
+        what="patch-model output",
         check_input=check,
     )
 

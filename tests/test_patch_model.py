@@ -405,6 +405,11 @@ def test_dry_run_writes_nothing_and_force_rules(
     r = cli(*args[:-4], "-o", other, "--force")
     assert r.exit_code == 1 and "will not replace" in r.stderr
     assert (other / "keep.txt").read_text() == "mine"
+    model = tmp_path / "someones-model"  # a model directory safelora did not write
+    shutil.copytree(llama_bf16.finetuned, model)
+    r = cli(*args[:-4], "-o", model, "--force")
+    assert r.exit_code == 1 and "will not replace" in r.stderr
+    assert mt.tree(model) == mt.tree(llama_bf16.finetuned)
 
 
 # ----------------------------------------------------------------------------- bad inputs
