@@ -124,6 +124,11 @@ def check_output(
         t = torch.frombuffer(bytearray(odata), dtype=ref[name]["dtype"]).reshape(shape)
         err = (t.to(torch.float64) - exp).abs()
         assert float(err.max()) <= rel * float(exp.abs().max()), name
+        if ref[name]["dtype"] == torch.bfloat16:
+            # One rounding of the float64 result: nearly every value is exactly bf16(oracle);
+            # the rest sit at a rounding boundary within float32 C's error.
+            same = (t == exp.to(torch.bfloat16)).double().mean()
+            assert float(same) >= 0.99, (name, float(same))
         assert odata != data
     return ref
 
