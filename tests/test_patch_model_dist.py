@@ -197,3 +197,16 @@ def test_accelerate_launch_two_ranks_equal_one(trio: mt.Trio, cache: Path, tmp_p
     assert len(lines) == 1  # printed by rank 0 only
     a, b = json.loads(lines[0]), json.loads(r.stdout)
     assert a == b
+
+
+def test_ranks_on_the_fly_and_dry_run_agree_with_one_process(trio: mt.Trio, tmp_path: Path) -> None:
+    import safelora_cli.model_patch as mp
+
+    kw = {"aligned": str(trio.aligned), "base": str(trio.base), "dry_run": True}
+    one = mp.patch_model(str(trio.finetuned), tmp_path / "out", **kw)
+    results = _run_ranks(
+        lambda d: mp.patch_model(str(trio.finetuned), tmp_path / "out", dist=d, **kw)
+    )
+    assert all(isinstance(r, mp.ModelReport) for r in results), results
+    assert results[0].to_json() == results[1].to_json() == one.to_json()
+    assert not (tmp_path / "out").exists()
