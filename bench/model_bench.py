@@ -47,7 +47,7 @@ TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 # ----------------------------------------------------------------------------- children
 
 
-def _make(root: Path, width: int, layers: int, vocab: int) -> None:
+def make_trio(root: Path, width: int, layers: int, vocab: int) -> None:
     """Write (or reuse) base/aligned (synth.make_pair) and finetuned beside them."""
     import synth
     import torch
@@ -84,7 +84,7 @@ def _files(d: Path) -> list[Path]:
     return [d / "model.safetensors"]
 
 
-def _floor(ft: Path, al: Path, base: Path, out: Path, stats: str | None) -> None:
+def floor(ft: Path, al: Path, base: Path, out: Path, stats: str | None) -> None:
     """Read the three checkpoints once and write FINETUNED's shards: the least any tool does."""
     import procstats
     import torch  # noqa: F401 (the floor pays for torch too, as every method does)
@@ -108,7 +108,7 @@ def _floor(ft: Path, al: Path, base: Path, out: Path, stats: str | None) -> None
     procstats.dump(stats, bytes_read=nbytes, in_process_s=time.perf_counter() - t0)
 
 
-def _full_load(dirs: list[Path], stats: str | None) -> None:
+def full_load(dirs: list[Path], stats: str | None) -> None:
     """Hold the three models whole in memory, every tensor touched."""
     import procstats
     from safetensors.torch import load_file
@@ -167,13 +167,13 @@ def main() -> int:
     ap.add_argument("--stats")
     a = ap.parse_args()
     if a.make:
-        _make(Path(a.make[0]), int(a.make[1]), int(a.make[2]), a.vocab)
+        make_trio(Path(a.make[0]), int(a.make[1]), int(a.make[2]), a.vocab)
         return 0
     if a.floor:
-        _floor(*a.floor, a.stats)
+        floor(*a.floor, a.stats)
         return 0
     if a.full_load:
-        _full_load(list(a.full_load), a.stats)
+        full_load(list(a.full_load), a.stats)
         return 0
     if a.toy:
         a.width, a.layers, a.vocab = 128, [1, 2], 512
