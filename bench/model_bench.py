@@ -4,7 +4,7 @@ wall time against a floor, side by side in one run.
 Usage::
 
     python bench/model_bench.py [--work DIR] [--width 1024] [--layers 4 12] [--repeats 1]
-                                [--json runs.json] [--toy]
+                                [--json runs.json] [--device cpu|cuda] [--toy]
 
 For each depth it builds (once, reused) a synthetic Llama trio with ``bench/synth.py``'s shapes
 (bf16, vocab 32000, at least two shards): base and aligned from :func:`synth.make_pair`, and a
@@ -133,10 +133,12 @@ def full_load(dirs: list[Path], stats: str | None) -> None:
 METHODS = ("patch-model -p", "patch-model --base", "floor", "full-load")
 
 
-def _argv(name: str, ft: Path, al: Path, base: Path, cache: Path, out: Path) -> list[str]:
+def _argv(
+    name: str, ft: Path, al: Path, base: Path, cache: Path, out: Path, device: str = "cpu"
+) -> list[str]:
     """The child process of method ``name`` writing to ``out``."""
     me = [harness.PY, str(BENCH / "model_bench.py")]
-    pm = ["patch-model", str(ft), "--aligned", str(al), "-o", str(out), "--device", "cpu", "-q"]
+    pm = ["patch-model", str(ft), "--aligned", str(al), "-o", str(out), "--device", device, "-q"]
     if name == "patch-model -p":
         return harness.safelora_argv(*pm, "-p", str(cache))
     if name == "patch-model --base":
@@ -165,6 +167,7 @@ def main() -> int:
     ap.add_argument("--floor", nargs=4, type=Path, metavar=("FT", "AL", "BASE", "OUT"))
     ap.add_argument("--full-load", nargs=3, type=Path, metavar=("FT", "AL", "BASE"))
     ap.add_argument("--stats")
+    ap.add_argument("--device", default="cpu", help="patch-model's --device (cuda on a GPU)")
     a = ap.parse_args()
     if a.make:
         make_trio(Path(a.make[0]), int(a.make[1]), int(a.make[2]), a.vocab)
@@ -227,7 +230,7 @@ def main() -> int:
                 outs.mkdir(parents=True)
                 r = harness.run(
                     f"{name} L{layers}",
-                    _argv(name, ft, al, base, cache, outs / "out"),
+                    _argv(name, ft, al, base, cache, outs / "out", a.device),
                     stats=True,
                     timeout=3600,
                 )
@@ -245,7 +248,8 @@ def main() -> int:
         return harness.summarize([getattr(r, attr) for r in by[(name, layers)]]).median
 
     lines = [
-        f"width {a.width}, vocab {a.vocab}, bf16, {a.repeats} repeat(s); load average before/"
+        f"width {a.width}, vocab {a.vocab}, bf16, --device {a.device}, {a.repeats} repeat(s); "
+        f"load average before/"
         f"after {load0} / {harness.loadavg()}; {time.perf_counter() - t_start:.0f} s in all",
         "",
         "| method | layers | wall s | CPU s | peak RSS |",
