@@ -25,6 +25,20 @@ RevisionBase = Annotated[
 RevisionAligned = Annotated[
     str | None, typer.Option("--revision-aligned", help="Hub revision of the aligned model.")
 ]
+TargetsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--targets",
+        help="Weights to consider: module-name suffixes (q_proj,v_proj) or a regex (re:...). "
+        "[default: every linear weight of the repeated blocks]",
+    ),
+]
+Revision = Annotated[
+    str | None, typer.Option("--revision", help="Hub revision of the fine-tuned model.")
+]
+ModelJson = Annotated[
+    bool, typer.Option("--json", help="Print the report as one JSON object on stdout.")
+]
 Device = Annotated[
     str,
     typer.Option("--device", help="auto, cpu, cuda or cuda:N. auto uses CUDA when available."),
@@ -49,17 +63,3 @@ Fraction = Annotated[
 ]
 Force = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Report what would happen; write nothing.")]
-TargetsOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--targets",
-        help="Weights to consider: module-name suffixes (q_proj,v_proj) or a regex (re:...). "
-        "[default: every linear weight of the repeated blocks]",
-    ),
-]
-Revision = Annotated[
-    str | None, typer.Option("--revision", help="Hub revision of the fine-tuned model.")
-]
-ModelJson = Annotated[
-    bool, typer.Option("--json", help="Print the report as one JSON object on stdout.")
-]
