@@ -582,7 +582,7 @@ def test_inspect_a_full_model_table_json_and_gate(
         assert m["cosine"] == pytest.approx(ref[m["weight"]]["cos"], abs=2e-6)
     table = ok(*args).stdout
     assert (
-        "model: " in table and "self_attn.q_proj" in table and "projected 3 of 14 weights" in table
+        "model: " in table and "self_attn.q_proj" in table and "projected 3 of 14 modules" in table
     )
     lowest = min(round(m["cosine"], 5) for m in rep["modules"] if m["cosine"] is not None)
     r = cli(*args, "--fail-below", lowest + 0.01)

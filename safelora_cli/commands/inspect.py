@@ -232,12 +232,10 @@ def _selection_lines(report: Any, defined: int) -> list[str]:
 def _summary_lines(report: Any) -> list[str]:
     defined = sum(1 for m in report.modules if m.cosine is not None)
     undefined = len(report.modules) - defined
-    model = getattr(report, "kind", "adapter") == "model"
-    unit = "weights" if model else "modules"
-    first = f"projected {report.projected} of {report.total} {unit}"
+    first = f"projected {report.projected} of {report.total} modules"
     if undefined:
         first += f" ({undefined} without a cosine, never projected)"
-    if model:  # Pdst is a LoRA figure
+    if getattr(report, "kind", "adapter") == "model":  # Pdst is a LoRA figure
         return [first, *_selection_lines(report, defined)]
     return [first, *_selection_lines(report, defined), f"Pdst {_num(report.pdst, '.5f')}"]
 
@@ -543,7 +541,7 @@ def command(
         _inspect_adapters_alone(adapters, json_out=json_out)
         return
 
-    from safelora_cli.inspection import score
+    from safelora_cli.inspection import gate, score
     from safelora_cli.selection import Selection
 
     selection = Selection.from_flags(num_layers, threshold, fraction)
@@ -562,14 +560,43 @@ def command(
         _emit_lines([json.dumps(r.to_json()) for r in reports])
     else:
         _render_reports(reports, sort_key, top)
-    _gate(reports, fail_below)
+    if fail_below is not None:
+        result = gate(reports, fail_below)
+        if not result.passed:
+            raise GateError(
+                f"gate --fail-below {fail_below:g}: {result.message()}",
+                hint="These updates left the alignment subspace: "
+                "patch the adapter with safelora patch, or review it.",
+            )
 
 
-def _gate(
-    reports: Sequence[Any],
-    fail_below: float | None,
-    fix: str = "patch the adapter with safelora patch, or review it.",
-) -> None:
+def _inspect_cache(projections: Any, *, json_out: bool, quiet: bool) -> None:
+    from safelora_cli.inspection import summarize_cache
+
+    summary = summarize_cache(projections, progress=render.RichProgress(quiet=quiet))
+    if json_out:
+        _emit_lines([json.dumps(summary.to_json())])
+    else:
+        _render_cache(summary)
+
+
+def _inspect_adapters_alone(adapters: Sequence[str], *, json_out: bool) -> None:
+    from safelora_cli.inspection import summarize_adapter
+
+    summaries = [summarize_adapter(a) for a in adapters]
+    if json_out:
+        _emit_lines([json.dumps(s.to_json()) for s in summaries])
+        return
+    for i, s in enumerate(summaries):
+        if i:
+            _emit_lines([""])
+        _render_adapter(s)
+
+
+# ----------------------------------------------------------------------------- full model
+
+
+def _gate(reports: Sequence[Any], fail_below: float | None, fix: str) -> None:
     """GateError (exit 3) when ``--fail-below`` trips; ``fix`` completes the hint."""
     from safelora_cli.inspection import gate
 
@@ -629,26 +656,3 @@ def _inspect_model(
     else:
         _render_reports([report], sort_key, top)
     _gate([report], fail_below, "patch the model with safelora patch-model, or review it.")
-
-
-def _inspect_cache(projections: Any, *, json_out: bool, quiet: bool) -> None:
-    from safelora_cli.inspection import summarize_cache
-
-    summary = summarize_cache(projections, progress=render.RichProgress(quiet=quiet))
-    if json_out:
-        _emit_lines([json.dumps(summary.to_json())])
-    else:
-        _render_cache(summary)
-
-
-def _inspect_adapters_alone(adapters: Sequence[str], *, json_out: bool) -> None:
-    from safelora_cli.inspection import summarize_adapter
-
-    summaries = [summarize_adapter(a) for a in adapters]
-    if json_out:
-        _emit_lines([json.dumps(s.to_json()) for s in summaries])
-        return
-    for i, s in enumerate(summaries):
-        if i:
-            _emit_lines([""])
-        _render_adapter(s)
