@@ -150,15 +150,24 @@ def _root(
 
 
 def _register() -> None:
-    from safelora_cli.commands import compute, inspect, patch, patch_model
+    from safelora_cli.commands import compute, inspect, patch
 
     app.command("compute-projections", no_args_is_help=True)(cli_errors(compute.command))
     app.command("patch", no_args_is_help=True)(cli_errors(patch.command))
     app.command("inspect", no_args_is_help=True)(cli_errors(inspect.command))
-    app.command("patch-model", no_args_is_help=True)(cli_errors(patch_model.command))
 
 
 _register()
+
+
+def _register_full_model() -> None:
+    # patch-model (issue 16) registered on its own, like the three above.
+    from safelora_cli.commands import patch_model
+
+    app.command("patch-model", no_args_is_help=True)(cli_errors(patch_model.command))
+
+
+_register_full_model()
 
 
 def main() -> None:
