@@ -657,15 +657,12 @@ def write_safetensors(
     dest: Path,
     entries: Sequence[tuple[str, str, Sequence[int], int, Callable[[], Any]]],
     metadata: dict[str, str],
-    *,
-    release: Callable[[Any], None] | None = None,
 ) -> None:
     """A safetensors file of ``(name, dtype, shape, nbytes, data)`` entries, in that order.
 
     ``data()`` returns the entry's bytes (any bytes-like object: ``bytes``, a ``uint8`` array)
     and is called once per entry, as it is written, so one tensor's bytes are in memory at a
-    time; ``release(chunk)`` is called once it is written (e.g. to hand a buffer back).
-    CheckpointError when a chunk has another length. fsynced.
+    time. CheckpointError when a chunk has another length. fsynced.
     """
     header: dict[str, Any] = {"__metadata__": metadata}
     offset = 0
@@ -691,9 +688,7 @@ def write_safetensors(
                     path=dest,
                 )
             f.write(view)
-            del view
-            if release is not None:
-                release(chunk)
+            del view, chunk
         f.flush()
         os.fsync(f.fileno())
 
@@ -739,9 +734,6 @@ def _write_shards(
     from safelora_cli.reader import torch_dtype
 
     ft = inputs.ft
-    # Non-target tensors go from the file to the output through a byte buffer (never a tensor
-    # of their dtype, never a second copy), freed once written: a reused buffer would keep the
-    # largest one (an embedding) resident while the projected weights are computed.
     chosen = {m.weight for m in report.modules if m.projected}
     meta_extra = provenance_metadata(report)
     per_shard: list[tuple[Path, list[str]]] = []
@@ -781,6 +773,9 @@ def _write_shards(
                         return tensor_bytes(w)
 
                 else:
+                    # Through a byte buffer (never a tensor of its dtype, never a second copy),
+                    # freed once written: a buffer reused across tensors would keep the largest
+                    # (an embedding) resident while the projected weights are computed.
 
                     def data(n: str = n, nbytes: int = ti.nbytes) -> Any:
                         buf = torch.empty(nbytes, dtype=torch.uint8)
