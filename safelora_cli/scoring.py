@@ -360,9 +360,6 @@ def _fit_problem(cast: torch.Tensor, x: torch.Tensor, dtype: str) -> str | None:
         big = float(x.abs().max()) if bool(torch.isfinite(x).all()) else math.inf
         limit = torch.finfo(cast.dtype).max
         return f"max |C B| = {big:.4g} does not fit {dtype} (largest finite value {limit:.6g})"
-    if not bool(torch.any(cast != 0)) and bool(torch.any(x != 0)):
-        small = float(x.abs().max())
-        return f"max |C B| = {small:.4g} underflows to zero in {dtype}"
     return None
 
 
@@ -423,9 +420,12 @@ def _score_module(adapter: Adapter, m: LoraModule, weight: str, proj: Any) -> _P
             eps = torch.finfo(tensor.dtype).eps if tensor is not None else 2.0**-52
             # ||C B|| <= ||C||_2 ||B|| <= tr(C) ||B|| = ||V||_F ||B||: below the projector's own
             # precision of that bound C B is rounding noise, i.e. zero.
-            if ex is None or not float(torch.linalg.vector_norm(xn)) > eps * norm_v * math.sqrt(
-                float((bn * bn).sum())
-            ) or not nx > 0.0:
+            if (
+                ex is None
+                or not float(torch.linalg.vector_norm(xn))
+                > eps * norm_v * math.sqrt(float((bn * bn).sum()))
+                or not nx > 0.0
+            ):
                 degenerate = REASON_ORTHOGONAL
             else:
                 cos = inner / (math.sqrt(nx) * math.sqrt(nb))
