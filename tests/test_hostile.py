@@ -417,7 +417,7 @@ def _cli(
             str(w.out),
             "--device",
             "cpu",
-        ],  # fmt: skip
+        ],
         env={**base, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **env},
         capture_output=True,
         text=True,
@@ -442,7 +442,7 @@ def _free_port() -> int:
         (
             {"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "http"},
             "MASTER_PORT='http'",
-        ),  # fmt: skip
+        ),
     ],
     ids=["no-master", "rank-not-int", "rank-too-big", "port-not-int"],
 )
