@@ -418,9 +418,10 @@ def read_config(directory: Path) -> dict:
         for k, v in pat.items():
             try:
                 re.compile(rf"(.*\.)?({k})$")
-            except re.error as e:
+            except (re.error, OverflowError, RecursionError, MemoryError) as e:
+                # OverflowError: a{99999999999}; RecursionError: thousands of nested groups.
                 raise _config_error(
-                    p, f"{key} key {k!r} is not a valid regex ({e})", "fix the config"
+                    p, f"{key} key {k[:80]!r} is not a valid regex ({e})", "fix the config"
                 ) from None
             ok = (
                 isinstance(v, int) and not isinstance(v, bool) and v > 0
