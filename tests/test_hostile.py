@@ -479,3 +479,23 @@ def test_invalid_dist_timeout_is_a_clear_error(w: W) -> None:
     p, _ = _cli(w, env)
     assert p.returncode == 1 and "SAFELORA_DIST_INIT_TIMEOUT='nan'" in p.stderr, p.stderr
     assert math.isfinite(1.0)
+
+
+@pytest.mark.parametrize("scale", [1e-24, 1e20], ids=["tiny-delta", "huge-delta"])
+def test_alignment_delta_far_from_unit_scale_is_scored_not_called_zero(w: W, scale: float) -> None:
+    """float32 squares of V's entries under/overflow: V must not read as 0 (or as Inf)."""
+    g = torch.Generator().manual_seed(11)
+    tb = load_file(str(w.base / "model.safetensors"))
+    ta = load_file(str(w.aligned / "model.safetensors"))
+    tb[QW] = scale * torch.randn(tb[QW].shape, generator=g)
+    ta[QW] = tb[QW] + 0.1 * scale * torch.randn(tb[QW].shape, generator=g)
+    save_file(tb, str(w.base / "model.safetensors"), metadata={"format": "pt"})
+    save_file(ta, str(w.aligned / "model.safetensors"), metadata={"format": "pt"})
+    want = oracle_cosines(w.base, w.aligned, w.adapter)
+    models = ["--base", w.base, "--aligned", w.aligned]
+    r = run(w, ["inspect", w.adapter, *models, "--json"], code=0)
+    got = cosines(r.stdout)
+    assert got[Q] is not None, "a nonzero alignment delta was reported as V = 0"
+    assert got[Q] == pytest.approx(want[Q], abs=1e-5)
+    gate = want[Q] + 1e-3
+    run(w, ["inspect", w.adapter, *models, "--fail-below", gate], code=3, must=(Q,))
