@@ -381,7 +381,19 @@ def summarize_cache(path: str | Path, *, progress: Progress | None = None) -> Ca
             for name in names:
                 e = cache.entry(name)
                 proj = cache.get(name, fan_in_fan_out=e.fan_in_fan_out)
-                sigma_sq, srank = stable_rank(e.kind, proj.tensor, e.norm_v)
+                finite = bool(proj.tensor.isfinite().all())
+                sigma_sq, srank = (
+                    stable_rank(e.kind, proj.tensor, e.norm_v) if finite else (math.nan, None)
+                )
+                if any(x is not None and not math.isfinite(x) for x in (sigma_sq, srank)):
+                    # NaN/Inf in the entry: say so rather than print a NaN (or invalid JSON).
+                    raise CacheError(
+                        f"projection cache {path}: the projector of {name} ({e.file}) contains "
+                        "NaN or Inf",
+                        hint="The cache is damaged: delete it and run safelora "
+                        "compute-projections again.",
+                        path=path,
+                    )
                 weights.append(
                     WeightSummary(
                         weight=name,

@@ -499,3 +499,18 @@ def test_alignment_delta_far_from_unit_scale_is_scored_not_called_zero(w: W, sca
     assert got[Q] == pytest.approx(want[Q], abs=1e-5)
     gate = want[Q] + 1e-3
     run(w, ["inspect", w.adapter, *models, "--fail-below", gate], code=3, must=(Q,))
+
+
+def test_nan_in_a_cache_entry_is_an_error_in_the_cache_summary(w: W) -> None:
+    from safelora_cli.reader import read_header
+
+    f = _entry_file(w.cache, QW)
+    info = next(iter(read_header(f).tensors.values()))
+    raw = bytearray(f.read_bytes())
+    raw[info.start + 8 : info.start + 12] = b"\x00\x00\x80\x7f"  # float32 +Inf
+    st = f.stat()
+    f.write_bytes(bytes(raw))
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    for extra in ([], ["--json"]):
+        r = run(w, ["inspect", "-p", w.cache, *extra], code=1, must=(QW, "NaN or Inf"))
+        assert r.stdout == ""
