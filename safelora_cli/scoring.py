@@ -133,9 +133,9 @@ def _traces(cb: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> tuple[float, 
     return inner, nx, nb
 
 
-# ||B A||^2 of the normalised factors below this fraction of ||B||^2 ||A||^2 is cancellation:
-# the trace's own rounding (~1e-16 r of the bound) is then a visible part of the value, so the
-# update is neither reliably zero nor reliably scored. Real adapters sit near 1/r.
+# ||B A||^2 of the normalised factors below this fraction of (sum_k ||b_k|| ||a_k||)^2 is
+# cancellation: the trace's own rounding (~1e-16 of that bound) is then a visible part of the
+# value, so the update is neither reliably zero nor reliably scored. Real adapters sit near 1/r.
 RELIABLE_NB = 1e-12
 
 
@@ -405,7 +405,12 @@ def _score_module(adapter: Adapter, m: LoraModule, weight: str, proj: Any) -> _P
     else:
         xs, ex = _normalised(xn)
         inner, nx, nb = _traces(xs if ex is not None else xn, bn, an)
-        bound = float((bn * bn).sum()) * float((an * an).sum())
+        # Rounding in tr(B^T B A A^T) is bounded by eps (sum_k ||b_k|| ||a_k||)^2; compare
+        # ||B A||^2 with that, not with ||B||^2 ||A||^2 (a zero column of B weighs nothing).
+        bound = (
+            float((torch.linalg.vector_norm(bn, dim=0) * torch.linalg.vector_norm(an, dim=1)).sum())
+            ** 2
+        )
         norm_dw = _ldexp(abs(m.scale) * math.sqrt(max(nb, 0.0)), eb + ea)
         if not math.isfinite(norm_dw):
             raise _unreliable(adapter, m, "||s B A||_F exceeds the float64 range")
@@ -413,7 +418,9 @@ def _score_module(adapter: Adapter, m: LoraModule, weight: str, proj: Any) -> _P
             degenerate = REASON_NO_SIGNAL.format(weight=weight)
         elif not nb > RELIABLE_NB * bound:
             raise _unreliable(
-                adapter, m, f"B A cancels to {math.sqrt(max(nb, 0.0) / bound):.2g} of ||B|| ||A||"
+                adapter,
+                m,
+                f"B A cancels to {math.sqrt(max(nb, 0.0) / bound):.2g} of sum_k ||b_k|| ||a_k||",
             )
         else:
             tensor = getattr(proj, "tensor", None)
