@@ -417,10 +417,12 @@ def _score_module(adapter: Adapter, m: LoraModule, weight: str, proj: Any) -> _P
         if getattr(proj, "degenerate", False):
             degenerate = REASON_NO_SIGNAL.format(weight=weight)
         elif not nb > RELIABLE_NB * bound:
+            rel = math.sqrt(max(nb, 0.0) / bound) if bound > 0 else 0.0
             raise _unreliable(
                 adapter,
                 m,
-                f"B A cancels to {math.sqrt(max(nb, 0.0) / bound):.2g} of sum_k ||b_k|| ||a_k||",
+                f"B A cancels or underflows to {rel:.2g} of sum_k ||b_k|| ||a_k|| (entries far "
+                "apart in magnitude?)",
             )
         else:
             tensor = getattr(proj, "tensor", None)
