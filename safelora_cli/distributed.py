@@ -302,18 +302,24 @@ def current(device: str | None = "auto") -> Dist | None:
         try:
             # c10d logs every failed connect attempt (with C++ stack frames) straight to fd 2;
             # the error below says it in one line instead.
+            # As torch's env:// rendezvous does: under torchrun the elastic agent already hosts
+            # the store at MASTER_ADDR:MASTER_PORT and every rank is a client; otherwise rank 0
+            # hosts it (multi-tenant) and waits for the others, here for init_timeout only.
+            agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
             with _stderr_silenced():
                 store = td.TCPStore(
                     addr,
                     port,
                     world,
-                    is_master=rank == 0,
+                    is_master=rank == 0 and not agent,
                     timeout=timedelta(seconds=init_timeout),
-                    wait_for_workers=True,
+                    wait_for_workers=not agent,
+                    multi_tenant=True,
                 )
+                store.set_timeout(timedelta(seconds=timeout))
                 td.init_process_group(
                     "gloo" if cpu else "nccl",
-                    store=store,
+                    store=td.PrefixStore("default_pg", store),
                     rank=rank,
                     world_size=world,
                     timeout=timedelta(seconds=timeout),
