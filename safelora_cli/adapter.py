@@ -29,6 +29,7 @@ not name base-model weights one to one), and an adapter with no LoRA tensor at a
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -283,14 +284,43 @@ def match_pattern_keys(
         return dict.fromkeys(names)
     if all(_PLAIN_KEY.fullmatch(k) for k in keys):
         return {m: next((k for k in keys if _peft_match(k, m)), None) for m in names}
-    import subprocess
-    import sys
-
     timeout = _regex_timeout()
+    found = _match_in_child(tuple(keys), tuple(names), timeout)
     hint = (
         f"simplify the {what} keys in adapter_config.json (a key is a regex matched against "
         "each module name; nested quantifiers such as (a+)+ take exponential time)"
     )
+    if found is None:
+        slow = [k for k in keys if not _PLAIN_KEY.fullmatch(k)]
+        shown = ", ".join(repr(k[:60]) for k in slow[:3])
+        raise AdapterError(
+            f"adapter: {where}: matching the {what} keys {shown} against the module names "
+            f"took more than {timeout:g} s",
+            hint=hint,
+            path=where or None,
+        )
+    if isinstance(found, str):
+        raise AdapterError(
+            f"adapter: {where}: the {what} keys could not be matched ({found})",
+            hint=hint,
+            path=where or None,
+        )
+    return {m: (keys[i] if 0 <= i < len(keys) else None) for m, i in zip(names, found, strict=True)}
+
+
+@functools.lru_cache(maxsize=64)
+def _match_in_child(
+    keys: tuple[str, ...], names: tuple[str, ...], timeout: float
+) -> tuple[int, ...] | str | None:
+    """Index of each name's first matching key (-1: none), computed by a child interpreter;
+    None when it ran out of time, a string saying why it failed otherwise.
+
+    Cached: a batch of adapters from one recipe shares config and module names, so a fleet
+    pays for one child (or one timeout), not one per adapter.
+    """
+    import subprocess
+    import sys
+
     try:
         done = subprocess.run(
             [sys.executable, "-I", "-S", "-c", _MATCH_CHILD],
@@ -301,29 +331,14 @@ def match_pattern_keys(
             check=False,
         )
     except subprocess.TimeoutExpired:
-        slow = [k for k in keys if not _PLAIN_KEY.fullmatch(k)]
-        shown = ", ".join(repr(k[:60]) for k in slow[:3])
-        raise AdapterError(
-            f"adapter: {where}: matching the {what} keys {shown} against the module names "
-            f"took more than {timeout:g} s",
-            hint=hint,
-            path=where or None,
-        ) from None
+        return None
     try:
         found = json.loads(done.stdout) if done.returncode == 0 else None
     except ValueError:
         found = None
     if not isinstance(found, list) or len(found) != len(names):
-        err = (done.stderr.strip().splitlines() or ["no output"])[-1][:160]
-        raise AdapterError(
-            f"adapter: {where}: the {what} keys could not be matched ({err})",
-            hint=hint,
-            path=where or None,
-        )
-    return {
-        m: (keys[i] if isinstance(i, int) and 0 <= i < len(keys) else None)
-        for m, i in zip(names, found, strict=True)
-    }
+        return (done.stderr.strip().splitlines() or ["no output"])[-1][:160]
+    return tuple(i if isinstance(i, int) and not isinstance(i, bool) else -1 for i in found)
 
 
 def pattern_key(pattern_keys: Iterable[str], module: str) -> str | None:
