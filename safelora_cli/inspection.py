@@ -548,7 +548,10 @@ def gate(reports: Sequence[Any], threshold: float) -> GateResult:
     and ``V = 0`` (the alignment did not touch the weight). Modules whose numbers cannot be
     trusted never reach here: scoring raises an error for them.
     """
-    from safelora_cli.scoring import REASON_ORTHOGONAL
+    from safelora_cli.scoring import REASON_ORTHOGONAL, REASON_UPDATE_ORTHOGONAL
+
+    # Full fine-tunes (patch-model) have their own spelling of C dW = 0: it fails alike.
+    orthogonal = (REASON_ORTHOGONAL, REASON_UPDATE_ORTHOGONAL)
 
     failures: list[GateFailure] = []
     checked = 0
@@ -556,7 +559,7 @@ def gate(reports: Sequence[Any], threshold: float) -> GateResult:
         label = str(getattr(rep, "adapter", ""))
         for m in rep.modules:
             if m.cosine is None:
-                if getattr(m, "reason", None) == REASON_ORTHOGONAL:
+                if getattr(m, "reason", None) in orthogonal:
                     checked += 1
                     failures.append(GateFailure(label, m.name, None))
                 continue

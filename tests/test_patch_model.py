@@ -846,3 +846,35 @@ def test_a_failed_write_leaves_no_partial_output_and_keeps_the_old_one(
     _refused(cli(*args, "--force"), "No space left")
     assert mt.tree(out) == before  # the previous output is untouched
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_an_update_the_projector_maps_to_zero_has_no_cosine_and_fails_the_gate(
+    tmp_path: Path,
+) -> None:
+    from tests import factory
+
+    base = factory.llama_weights(layers=1)
+    w = "model.layers.0.self_attn.q_proj.weight"
+    aligned = {k: v.clone() for k, v in base.items()}
+    finetuned = {k: v.clone() for k, v in base.items()}
+    aligned[w][0] += 0.5  # V lives in row 0 only
+    finetuned[w] = aligned[w].clone()
+    finetuned[w][1] += 0.5  # dW in row 1 only: V^T dW = 0 exactly, so C dW = 0
+    for name, t in base.items():  # every other target: an ordinary update
+        if name != w and t.dim() == 2 and ".layers." in name:
+            aligned[name] = t + 0.01 * torch.randn(
+                t.shape, generator=torch.Generator().manual_seed(1)
+            )
+            finetuned[name] = aligned[name] + 0.01
+    dirs = {}
+    for key, tensors in (("base", base), ("aligned", aligned), ("ft", finetuned)):
+        dirs[key] = factory.write_checkpoint(tmp_path / key, tensors, config="llama")
+    common = ["--aligned", dirs["aligned"], "--base", dirs["base"]]
+    r = ok("patch-model", dirs["ft"], *common, "-o", tmp_path / "out", "-t", 1.0, "--json")
+    m = next(x for x in json.loads(r.stdout)["modules"] if x["weight"] == w)
+    assert m["cosine"] is None and not m["projected"] and "orthogonal" in m["reason"]
+    assert mt.raw(tmp_path / "out")[w] == mt.raw(dirs["ft"])[w]  # carried over unchanged
+    table = ok("inspect", dirs["ft"], *common).stdout
+    assert "no: CdW = 0" in table
+    r = cli("inspect", dirs["ft"], *common, "--fail-below", -1.0)  # fails closed
+    assert r.exit_code == 3 and "self_attn.q_proj" in r.stderr
