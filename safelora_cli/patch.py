@@ -104,6 +104,7 @@ def patch_adapters(
     save_projections: Path | None = None,
     progress: Progress | None = None,
     dist: Dist | None = None,
+    representation: str = "auto",
 ) -> list[AdapterReport]:
     """Patch ``adapters`` into ``output`` (see the module docstring for every rule).
 
@@ -129,6 +130,7 @@ def patch_adapters(
             save_projections=save_projections,
             progress=progress,
             dist=dist,
+            representation=representation,
         )
     check_flags(
         adapters,
@@ -158,6 +160,7 @@ def patch_adapters(
             revision_base=revision_base,
             revision_aligned=revision_aligned,
             save_projections=save_projections,
+            representation=representation,
         ) as (source, weight_for, sources):
             scored = score_adapters(
                 loaded, source, selection, weight_for=weight_for, progress=progress
@@ -383,6 +386,7 @@ def _patch_distributed(
     save_projections: Path | None,
     progress: Progress | None,
     dist: Dist,
+    representation: str = "auto",
 ) -> list[AdapterReport]:
     """patch as one rank of several (docs/scale-out.md).
 
@@ -434,6 +438,7 @@ def _patch_distributed(
                     revision_base=revision_base,
                     revision_aligned=revision_aligned,
                     save_projections=None,
+                    representation=representation,
                 ) as (source, weight_for, sources):
                     scored = score_adapters(
                         subset,

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from safelora_cli.options import Device, Quiet, RevisionAligned, RevisionBase
+from safelora_cli.options import Device, Quiet, Representation, RevisionAligned, RevisionBase
 
 
 def command(
@@ -35,6 +35,7 @@ def command(
     device: Device = "auto",
     revision_base: RevisionBase = None,
     revision_aligned: RevisionAligned = None,
+    representation: Representation = "auto",
     quiet: Quiet = False,
 ) -> None:
     """Stream BASE and ALIGNED one weight pair at a time and cache one projector per target.
@@ -59,6 +60,7 @@ def command(
             revision_aligned=revision_aligned,
             progress=RichProgress(quiet=quiet or not main),
             dist=dist,
+            representation=representation,
         )
     if main:
         status(summary.line(), quiet=quiet)

@@ -18,6 +18,7 @@ from safelora_cli.options import (
     NumLayers,
     Projections,
     Quiet,
+    Representation,
     RevisionAligned,
     RevisionBase,
     Threshold,
@@ -42,6 +43,7 @@ def command(
     revision_base: RevisionBase = None,
     revision_aligned: RevisionAligned = None,
     quiet: Quiet = False,
+    representation: Representation = "auto",
     save_projections: Annotated[
         Path | None,
         typer.Option(
@@ -86,6 +88,7 @@ def command(
             save_projections=save_projections,
             progress=RichProgress(quiet=quiet or not main),
             dist=dist,
+            representation=representation,
         )
     if not main:
         return  # rank 0 prints every adapter's result, in argument order
