@@ -182,3 +182,44 @@ def test_gpu_script_runs_on_cpu(tmp_path: Path) -> None:
     assert cp["bytes_read"] == res["sequential_read"]["bytes"] == 4 * 2 * 128 * 128 * 2
     assert 0 < cp["wait_for_reads_s"] <= cp["wall_s"] and 0 < cp["wait_share"] <= 1
     assert cp["prefetch_read_s"] > 0
+
+
+def test_io_floor_does_the_same_work(synth, tmp_path: Path, monkeypatch) -> None:
+    """bench/io_floor.py (scale_bench's floors): ``compute`` writes F = V / sqrt(||V||_F) per
+    weight (float64 oracle), and ``patch`` writes what ``safelora patch`` writes when every
+    module is projected (4 modules, default -k 10), so the comparison is like for like."""
+    shape = synth.llama_shape(64, 2, vocab=64)
+    pair = synth.make_pair(tmp_path, shape)
+    (ad,) = synth.make_adapters(tmp_path / "ads", shape, 1, r=4)
+    monkeypatch.syspath_prepend(str(BENCH))
+    b, al = str(pair.base_dir), str(pair.aligned_dir)
+
+    def floor(*args: str) -> None:
+        monkeypatch.setattr(sys, "argv", ["io_floor.py", *args])
+        runpy.run_path(str(BENCH / "io_floor.py"), run_name="__main__")
+
+    floor("compute", b, al, str(tmp_path / "f"), "--stats", str(tmp_path / "s.json"))
+    names = synth.target_weights(shape)
+    assert json.loads((tmp_path / "s.json").read_text())["weights"] == len(names) == 4
+    base = {**load_file(pair.base_dir / "model-00001-of-00002.safetensors"),
+            **load_file(pair.base_dir / "model-00002-of-00002.safetensors")}  # fmt: skip
+    aligned = {**load_file(pair.aligned_dir / "model-00001-of-00002.safetensors"),
+               **load_file(pair.aligned_dir / "model-00002-of-00002.safetensors")}  # fmt: skip
+    for n in names:
+        v = aligned[n].double() - base[n].double()
+        want = v / torch.linalg.norm(v).sqrt()
+        got = load_file(tmp_path / "f" / f"{n}.safetensors")[n].double()
+        assert float(torch.linalg.norm(got - want) / torch.linalg.norm(want)) < 1e-6
+
+    cache, ours, theirs = tmp_path / "cache", tmp_path / "ours", tmp_path / "theirs"
+    runner = CliRunner()
+    res = runner.invoke(app, ["compute-projections", b, al, "-o", str(cache), "--adapter", str(ad)])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["patch", str(ad), "-p", str(cache), "-o", str(ours), "--quiet"])
+    assert res.exit_code == 0, res.output
+    floor("patch", str(cache), str(theirs), str(ad))
+    got = load_file(theirs / "adapter_model.safetensors")
+    want = load_file(ours / "adapter_model.safetensors")
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-7)
