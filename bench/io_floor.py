@@ -105,8 +105,10 @@ def project_all(tensors: list[dict], weight: str, proj: torch.Tensor, kind: str)
     t64 = proj.double()
     for t in tensors:
         for k in [k for k in t if ".lora_B." in k and weight_of(k) == weight]:
-            b = t[k].double()
-            cb = t64 @ b if kind == "gram" else t64 @ (t64.T @ b)
+            # As (B^T T^T)^T: MKL's float64 GEMM with a skinny left-hand side is 2-3.5x faster
+            # than with a skinny right-hand side (the floor must not be slower than it needs).
+            bt = t[k].double().T
+            cb = (bt @ t64.T).T if kind == "gram" else ((bt @ t64) @ t64.T).T
             t[k] = cb.to(t[k].dtype)
 
 
