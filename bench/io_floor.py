@@ -109,7 +109,7 @@ def project_all(tensors: list[dict], weight: str, proj: torch.Tensor, kind: str)
             # than with a skinny right-hand side (the floor must not be slower than it needs).
             bt = t[k].double().T
             cb = (bt @ t64.T).T if kind == "gram" else ((bt @ t64) @ t64.T).T
-            t[k] = cb.to(t[k].dtype)
+            t[k] = cb.to(t[k].dtype).contiguous()
 
 
 def patch(a: argparse.Namespace) -> dict:
