@@ -79,8 +79,8 @@ class Rates:
 
 # CPU: measured on the 2-core development machine (torch 2.13, MKL, 2 threads), 2026-12-04:
 # torch.mm(V, V.T) at 4096x4096 and 4096x11008 float32 ran at 135-146 GFLOP/s; a 67 MB
-# write + fsync at 1.1-1.2 GB/s; reading back from the page cache ~2 GB/s (the rate
-# compute.READ_BYTES_PER_S balances ranks by). CUDA: *not measured* (no GPU was available); a
+# write + fsync at 1.1-1.2 GB/s. The read rate, 2 GB/s, is not measured: it is the nominal rate
+# compute.READ_BYTES_PER_S balances ranks by. CUDA: *not measured* (no GPU was available); a
 # nominal 2e13 float32 FLOP/s (a data-centre GPU without TF32) with the same host disk.
 RATES: dict[str, Rates] = {
     "cpu": Rates(flops=1.4e11, write=1.1e9, read=2e9),
