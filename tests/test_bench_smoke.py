@@ -223,3 +223,38 @@ def test_io_floor_does_the_same_work(synth, tmp_path: Path, monkeypatch) -> None
     assert got.keys() == want.keys()
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-7)
+
+
+def test_scale_bench_goals_from_paired_runs(monkeypatch) -> None:
+    """scale_bench's verdicts come from per-repeat safelora/floor ratios (medians), skip
+    comparisons not measured yet (a full-depth run cut short), and compare RSS across depths."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    sb = importlib.import_module("scale_bench")
+
+    def run(wall: float, cpu: float, rss: int) -> dict:
+        return {"wall_s": wall, "cpu_s": cpu, "peak_rss": rss, "stats": {}}
+
+    cfg = {"width": 64, "layers": 8, "repeats": 3, "adapters": 5, "warm": True}
+    res = {
+        "config": cfg, "started": "t", "uptime_before": "u0", "uptime_after": "u1",
+        "machine": {}, "model_bytes": 1,
+        "runs": {
+            # ratios 1.0, 1.5, 1.1 -> median 1.1 (<= 1.2); medians of walls would give 1.1 too
+            "compute q/v": {"safelora": [run(10, 1, 900 << 20), run(15, 1, 900 << 20),
+                                         run(11, 1, 900 << 20)],
+                            "floor": [run(10, 1, 1), run(10, 1, 1), run(10, 1, 1)]},
+            # 2 floors measured, 3 safelora: only the pairs count; ratios 1.3, 1.4 -> missed
+            "compute all-linear": {"safelora": [run(13, 1, 2), run(14, 1, 2), run(1, 1, 2)],
+                                   "floor": [run(10, 1, 1), run(10, 1, 1)]},
+            "patch 1 adapter": {"safelora": [run(2, 1, 1)], "floor": [run(2, 1, 1)]},
+            "patch 5 adapters": {"safelora": [], "floor": []},  # not measured yet
+        },
+    }  # fmt: skip
+    shallow = {"config": {"layers": 4}, "runs": {
+        "compute q/v": {"safelora": [run(1, 1, 800 << 20)], "floor": [run(1, 1, 1)]}}}  # fmt: skip
+    text = sb.render(res, shallow)
+    assert "| compute q/v: wall ≤ 1.2x the I/O floor | 1.10x | met |" in text
+    assert "| compute all-linear: wall ≤ 1.2x the I/O floor | 1.35x | **missed** |" in text
+    assert "patch of 5 adapters" not in text  # skipped, not failed
+    assert "| compute q/v peak RSS < 1.5 GB | 0.94 GB | met |" in text
+    assert "900 MiB ÷ 800 MiB = 1.12x | met |" in text
