@@ -328,8 +328,8 @@ def build_projector(
 
     ``C = V V^T / ||V||_F`` stored as ``gram`` (``C``) or ``factor`` (``F = V / sqrt(||V||_F)``)
     as :func:`representation_for` ``(d_out, d_in, representation, v.device.type)`` says, cast to
-    ``dtype`` (default float32). The result
-    lives on ``v``'s device. ``V == 0`` -> degenerate projector (zeros, ``norm_v == 0``).
+    ``dtype`` (default float32). The result lives on ``v``'s device. ``V == 0`` -> degenerate
+    projector (zeros, ``norm_v == 0``).
     NaN/Inf in ``v`` -> CheckpointError naming ``weight`` and ``sources`` (base and aligned
     files). ``consume=True`` lets the factor path scale ``v`` in place (saves one copy).
     ``out``: a contiguous float32 ``[d_out, d_out]`` buffer on ``v``'s device for the gram
