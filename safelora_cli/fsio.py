@@ -32,6 +32,7 @@ import re
 import secrets
 import stat
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,44 @@ def rename_noreplace(src: Path | str, dst: Path | str) -> None:
 def exchange(a: Path | str, b: Path | str) -> bool:
     """Atomically swap the existing paths ``a`` and ``b``; False if unsupported here."""
     return _rename2(a, b, _RENAME_EXCHANGE)
+
+
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM until the block is done, then deliver them as they would have been.
+
+    For the few renames that publish an output (and their rollback): Ctrl-C between two of
+    them would otherwise leave a half-swapped state that the clean-up code never hears of.
+    Only the main thread can install handlers; elsewhere this is a no-op.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous: dict[int, Any] = {}
+
+    def hold(signum: int, frame: Any) -> None:
+        caught.append(signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, hold)
+        except (ValueError, OSError):  # pragma: no cover - not allowed here
+            continue
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(caught):
+            handler = previous.get(sig)
+            if callable(handler):
+                handler(sig, None)  # e.g. Python's default SIGINT handler: KeyboardInterrupt
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), sig)
 
 
 # ----------------------------------------------------------------------------- opening
@@ -379,6 +418,7 @@ __all__ = [
     "LockBusy",
     "NotRegularFile",
     "create_new",
+    "deferred_signals",
     "exchange",
     "fsync_dir",
     "host",

@@ -477,6 +477,7 @@ def write_outputs(items: Sequence[T], plan: OutputPlan, write: Callable[[T, Path
             created.append(p)
     lock: fsio.BesideLock | None = None
     staged: list[tuple[Path, Path, bool]] = []  # (target, staged directory, fresh tree)
+    done: _Done | None = None
     try:
         lock = _lock(plan.root)
         for t in {plan.root, *plan.targets}:
@@ -494,10 +495,16 @@ def write_outputs(items: Sequence[T], plan: OutputPlan, write: Callable[[T, Path
                 d = fsio.mkdir_beside(t, TMP_TAG)
                 staged.append((t, d, False))
                 write(item, d)
-        _drop_old(_publish(staged, plan))
+        with fsio.deferred_signals():  # Ctrl-C waits for the swaps (or their rollback)
+            done = _publish(staged, plan)
+        _drop_old(done)
         for t in {plan.root, *plan.targets}:
             clean_stale(t)  # an orphaned original of a target --force just replaced
     except BaseException:
+        if done is not None:
+            # Published, then interrupted (a Ctrl-C held back until the swaps were done): the
+            # new outputs stay; the originals go as on success.
+            _drop_old(done)
         for _, d, _ in staged:
             fsio.rmtree_own(d)
         if lock is not None:
@@ -678,11 +685,12 @@ def write_distributed(
             err = e
         dist.agree(err)
         try:
-            if tree is not None:
-                if dist.is_main:
-                    done = _publish([(plan.root, tree, True)], plan)
-            else:
-                done = _publish(staged, plan)
+            with fsio.deferred_signals():
+                if tree is not None:
+                    if dist.is_main:
+                        done = _publish([(plan.root, tree, True)], plan)
+                else:
+                    done = _publish(staged, plan)
         except Exception as e:
             err = e
         dist.agree(err)
