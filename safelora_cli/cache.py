@@ -386,6 +386,8 @@ class ProjectionCache:
                 path=path,
             )
         mp = path / MANIFEST
+        if path.is_dir() and mp.exists() and not mp.is_file():
+            raise _corrupt(mp, f"{MANIFEST} is {fsio.kind_of(mp.stat().st_mode)}, not a file")
         if not path.is_dir() or not mp.is_file():
             raise CacheError(
                 f"{path} is not a projection cache (no {MANIFEST})",

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from safelora_cli.errors import CheckpointError
-from safelora_cli.fsio import NotRegularFile, open_regular
+from safelora_cli.fsio import NotRegularFile, kind_of, open_regular
 from safelora_cli.naming import natural_sorted
 
 if TYPE_CHECKING:
@@ -484,6 +484,14 @@ class CheckpointReader:
             return cls.from_files([p], label=label, root=p.parent)
         if not p.is_dir():
             raise CheckpointError(f"{label}: {p} is not a file or directory", path=p)
+        for name in (INDEX_NAME, SINGLE_NAME):
+            q = p / name
+            if q.exists() and not q.is_file():  # a FIFO, socket or device: never opened
+                raise CheckpointError(
+                    f"{label}: {q} is {kind_of(q.stat().st_mode)}, not a regular file",
+                    hint="replace it by the checkpoint file itself",
+                    path=q,
+                )
         if (p / INDEX_NAME).is_file():
             return cls.from_index(p / INDEX_NAME, label=label)
         if (p / SINGLE_NAME).is_file():
