@@ -22,6 +22,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 
 import torch
 
@@ -184,7 +185,7 @@ def do_kill(job, work):
             points = sorted(set(range(1, total + 1, step)) | {total})
         for n in points:
             for when in job["when"].get(target, ["before", "after"]):
-                for sig in job["signals"]:
+                for sig in job.get("signals_for", {}).get(target, job["signals"]):
                     for rep in range(job["reps"]):
                         k += 1
                         d, out = fresh(work, f"k{k}", job.get("prepare_from"))
@@ -222,7 +223,9 @@ def main():
     for job in plan["jobs"]:
         work = os.path.join(plan["work"], job["name"])
         os.makedirs(work)
+        t0 = time.monotonic()
         out[job["name"]] = (do_pair if job["kind"] == "pair" else do_kill)(job, work)
+        out[job["name"]]["seconds"] = round(time.monotonic() - t0, 1)
     with open(sys.argv[2], "w") as f:
         json.dump(out, f)
 

@@ -340,8 +340,9 @@ def drive(tmp_path: Path, pristine: dict[str, Path], reps: int) -> dict[str, Any
             "prepare_from": str(pristine["previous"]),
             "sweep": ["safelora_cli.fsio.exchange", "os.fsync"],
             "when": {"os.fsync": ["before"]},
-            "max_points": {"os.fsync": 3},
+            "max_points": {"os.fsync": 2},
             "signals": ["SIGKILL", "SIGINT"],
+            "signals_for": {"os.fsync": ["SIGKILL"]},
             "reps": reps,
         },
         {
@@ -503,8 +504,8 @@ def check_all(res: dict[str, Any], pristine: dict[str, Path], job: str, reps: in
     elif job == "compute-pair":
         check_compute_pair(res[job], reps)
     elif job == "force-exchange":
-        # exchange before/after + 3 fsync points, each under two signals
-        check_force_kills(res[job], old, reps, points=2 * 2 + 3 * 2)
+        # exchange before/after under two signals + 2 fsync points under SIGKILL
+        check_force_kills(res[job], old, reps, points=2 * 2 + 2)
     else:
         check_fallback_kills(res[job], old, reps)
 
