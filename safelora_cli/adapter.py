@@ -300,7 +300,11 @@ def read_config(directory: Path) -> dict:
         # Non-blocking, regular files only (a FIFO swapped in meanwhile is refused, not read).
         cfg = json.loads(read_regular(p, MAX_JSON_BYTES).decode("utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise _config_error(p, f"cannot be read as JSON ({e})", "restore the file") from None
+        from safelora_cli.fsio import emfile_hint
+
+        raise _config_error(
+            p, f"cannot be read as JSON ({e})", emfile_hint(e) or "restore the file"
+        ) from None
     if not isinstance(cfg, dict):
         raise _config_error(p, "is not a JSON object", "restore the file")
     peft_type = cfg.get("peft_type")

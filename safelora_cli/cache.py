@@ -12,7 +12,7 @@ Format: see ``docs/cache-format.md`` (DESIGN §5). Contract used by patch, inspe
   compute (created in a temporary sibling, then renamed), so it is never half-written and
   unmarked. An existing cache is refused, with the difference explained, when its recorded
   source fingerprints (``SourceSpec.fingerprint()``) or its dtype differ. A non-empty directory
- that is not a cache is refused. One writer at a time: an exclusive ``flock`` on
+  that is not a cache is refused. One writer at a time: an exclusive ``flock`` on
   ``.<name>.safelora-lock`` beside the cache (the directory itself when its parent is
   read-only), taken before the manifest is read or the directory created; a second writer gets
   a CacheError naming the holder. The new directory is renamed into place without replacing

@@ -195,6 +195,19 @@ def open_regular(path: Path | str) -> int:
     return fd
 
 
+EMFILE_HINT = (
+    "too many files are open at once: raise the limit (e.g. ulimit -n 4096) "
+    "or pass fewer inputs per run"
+)
+
+
+def emfile_hint(e: BaseException) -> str | None:
+    """:data:`EMFILE_HINT` when ``e`` is "too many open files" (EMFILE/ENFILE), else None."""
+    if isinstance(e, OSError) and e.errno in (errno.EMFILE, errno.ENFILE):
+        return EMFILE_HINT
+    return None
+
+
 def read_regular(path: Path | str, limit: int) -> bytes:
     """The bytes of the regular file ``path``; ValueError when it holds more than ``limit``."""
     fd = open_regular(path)
@@ -411,6 +424,7 @@ def lock_dir(directory: Path) -> BesideLock:
 
 
 __all__ = [
+    "EMFILE_HINT",
     "LOCK_SUFFIX",
     "OLD_TAG",
     "TMP_TAG",
@@ -419,6 +433,7 @@ __all__ = [
     "NotRegularFile",
     "create_new",
     "deferred_signals",
+    "emfile_hint",
     "exchange",
     "fsync_dir",
     "host",

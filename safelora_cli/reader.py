@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from safelora_cli.errors import CheckpointError
-from safelora_cli.fsio import NotRegularFile, kind_of, open_regular
+from safelora_cli.fsio import EMFILE_HINT, NotRegularFile, emfile_hint, kind_of, open_regular
 from safelora_cli.naming import natural_sorted
 
 if TYPE_CHECKING:
@@ -310,13 +310,8 @@ def read_header(path: str | Path, *, label: str = "checkpoint") -> FileHeader:
 
 def _open_hint(e: OSError, default: str) -> str:
     """The hint for a file that cannot be opened: the fix for EMFILE, a FIFO, or ``default``."""
-    import errno
-
-    if e.errno in (errno.EMFILE, errno.ENFILE):
-        return (
-            "too many files are open at once: raise the limit (e.g. ulimit -n 4096) "
-            "or pass fewer inputs per run"
-        )
+    if emfile_hint(e):
+        return EMFILE_HINT
     if isinstance(e, NotRegularFile):
         return "pass a regular safetensors file (FIFOs, sockets and devices are never read)"
     return default

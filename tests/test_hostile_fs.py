@@ -449,6 +449,19 @@ def _(w: World) -> list[str]:
     return patch_p(w)
 
 
+@case("emfile-reading-adapter-config", "Too many open files", "ulimit -n", "adapter_config")
+def _(w: World) -> list[str]:
+    real = fsio.read_regular
+
+    def emfile(path: Any, limit: int) -> bytes:
+        if str(path).endswith("adapter_config.json"):
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE), str(path))
+        return real(path, limit)
+
+    w.__dict__["_patches"] = [(fsio, "read_regular", emfile)]
+    return patch_p(w)
+
+
 def _raw_header(path: Path) -> str:
     data = path.read_bytes()
     (n,) = struct.unpack("<Q", data[:8])
