@@ -215,7 +215,8 @@ def read_regular(path: Path | str, limit: int) -> bytes:
         size = os.fstat(fh.fileno()).st_size
         if size > limit:
             raise ValueError(f"is {size} bytes, more than {limit}")
-        data = fh.read(limit + 1)
+        # Read what fstat says (+1 to notice growth), not ``limit``: read(n) allocates n bytes.
+        data = fh.read(size + 1)
     if len(data) > limit:
         raise ValueError(f"is more than {limit} bytes")
     return data

@@ -101,8 +101,9 @@ def _looks_replaceable(p: Path, markers: Sequence[str]) -> bool:
     try:
         if not stat.S_ISDIR(os.lstat(p).st_mode):
             return False
-        if not any(os.scandir(p)):
-            return True
+        with os.scandir(p) as it:
+            if not any(it):
+                return True
     except OSError:
         return False
     for m in markers:
