@@ -116,7 +116,7 @@ def exchange(a: Path | str, b: Path | str) -> bool:
 
 @contextlib.contextmanager
 def deferred_signals() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM until the block is done, then deliver them as they would have been.
+    """Hold SIGINT/SIGTERM/SIGHUP until the block is done, then deliver them as they would have been.
 
     For the few renames that publish an output (and their rollback): Ctrl-C between two of
     them would otherwise leave a half-swapped state that the clean-up code never hears of.
@@ -134,7 +134,9 @@ def deferred_signals() -> Iterator[None]:
     def hold(signum: int, frame: Any) -> None:
         caught.append(signum)
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM)):
+        if sig in previous:
+            continue
         try:
             previous[sig] = signal.signal(sig, hold)
         except (ValueError, OSError):  # pragma: no cover - not allowed here
