@@ -116,7 +116,7 @@ def exchange(a: Path | str, b: Path | str) -> bool:
 
 @contextlib.contextmanager
 def deferred_signals() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM/SIGHUP until the block is done, then deliver them as they would have been.
+    """Hold SIGINT/SIGTERM/SIGHUP until the block is done, then deliver them as they would be.
 
     For the few renames that publish an output (and their rollback): Ctrl-C between two of
     them would otherwise leave a half-swapped state that the clean-up code never hears of.
