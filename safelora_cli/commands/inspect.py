@@ -421,7 +421,8 @@ def _render_cache(c: Any) -> None:
 
 def command(
     adapters: Annotated[
-        list[str] | None, typer.Argument(help="Adapter directories or Hub ids (optional).")
+        list[str] | None,
+        typer.Argument(metavar="[ADAPTER]...", help="Adapter directories or Hub ids (optional)."),
     ] = None,
     projections: Projections = None,
     base: BaseOpt = None,
@@ -516,7 +517,7 @@ def command(
         device=device,
         revision_base=revision_base,
         revision_aligned=revision_aligned,
-        progress=render.RichProgress(quiet=quiet),
+        progress=render.RichProgress(quiet=quiet, label="scoring"),
     )
     if json_out:
         _emit_lines([json.dumps(r.to_json()) for r in reports])
