@@ -114,7 +114,7 @@ def render_card(
 
 def _fmt_source(spec: Any) -> str:
     """A model source for a card: a Hub id with revision and commit, or a local checkpoint
-    named by the argument given (never an absolute path: cards are published)."""
+    named by its directory name (never a path: cards are published)."""
     if not isinstance(spec, Mapping):
         return "unknown"
     if spec.get("kind") == "hub" or spec.get("repo_id"):
@@ -125,8 +125,9 @@ def _fmt_source(spec: Any) -> str:
         if spec.get("commit"):
             out += f" (commit `{spec['commit']}`)"
         return out
-    arg = spec.get("arg") or spec.get("path")
-    return f"a local checkpoint (`{arg}`)" if arg else "a local checkpoint"
+    arg = str(spec.get("arg") or spec.get("path") or "").rstrip("/\\")
+    name = re.split(r"[/\\]", arg)[-1] if arg else ""
+    return f"a local checkpoint (`{name}`)" if name else "a local checkpoint"
 
 
 def _selection_text(report: Any) -> str:
