@@ -449,6 +449,31 @@ def test_convention_parser_reads_what_it_should() -> None:
     assert _resolve("safelora_cli.no_such_module") is None
 
 
+def test_output_comparison_catches_a_changed_number(tmp_path: Path) -> None:
+    """What the page shows must be what the command prints, up to times, sizes and paths."""
+    page = console_steps(
+        "$ safelora patch a -p c -o o\n"
+        "a: projected 3 of 8 modules; Pdst 0.9796\n"
+        "  ...\n"
+        "  written to /home/me/safelora/demo/o in 1.5 s (12.3 MB)\n"
+        "$ ls\n"
+    )
+    assert [s.cmd for s in page] == ["safelora patch a -p c -o o", "ls"]
+    assert page[1].expected == ()
+    want = page[0].expected
+    printed = (
+        "a: projected 3 of 8 modules; Pdst {}\n  x\n  y\n  written to {}/demo/o in 0.2 s (9.9 kB)\n"
+    )
+    assert output_matches(want, "", printed.format("0.9796", tmp_path), tmp_path)
+    assert not output_matches(want, "", printed.format("0.9793", tmp_path), tmp_path)
+    assert not output_matches(want, "", printed.format("0.9796", "/elsewhere"), tmp_path)
+    # stdout or stderr alone, or both in either order; "..." inside a line is any text.
+    assert output_matches(['{"pdst": 1.0, ...}'], '{"pdst": 1.0, "k": 3}\n', "note\n", None)
+    assert not output_matches(['{"pdst": 1.0, ...}'], '{"pdst": 0.99, "k": 3}\n', "", None)
+    assert output_matches(["out", "err"], "out\n", "err\n", None)
+    assert not output_matches(["out"], "out\nmore\n", "", None)
+
+
 # ----------------------------------------------------------------------------- running
 
 
