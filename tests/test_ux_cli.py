@@ -347,3 +347,22 @@ def test_sizes_in_gb_and_one_weight() -> None:
     assert "read 2.50 GB" in line and "is 64.0 MB" in line
     s.computed = 2
     assert s.line().startswith("2 weights computed;")
+
+
+def test_gate_cell_fails_closed_like_the_gate() -> None:
+    """The column agrees with the gate: C B A = 0 fails, B A = 0 and V = 0 are not gated."""
+    from types import SimpleNamespace
+
+    from safelora_cli import scoring
+
+    def mod(cosine: float | None, reason: str | None) -> Any:
+        return SimpleNamespace(name="m", cosine=cosine, reason=reason)
+
+    cell = inspect_cmd._gate_cell
+    assert cell(mod(None, scoring.REASON_ORTHOGONAL), 0.2) == "FAIL: CBA = 0"
+    assert cell(mod(None, scoring.REASON_UNTRAINED), 0.2) == "no cosine"
+    assert cell(mod(None, scoring.REASON_NO_SIGNAL.format(weight="w")), 0.2) == "no cosine"
+    assert cell(mod(0.199996, None), 0.2) == "pass"  # rounds to 0.20000, as the table shows
+    assert cell(mod(0.199994, None), 0.2) == "FAIL: < 0.2"  # rounds to 0.19999
+    assert cell(mod(0.2, None), 0.2) == "pass"
+    assert cell(mod(0.19, None), 0.2) == "FAIL: < 0.2"

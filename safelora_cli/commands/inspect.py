@@ -83,6 +83,8 @@ def _emit_table(
     On a terminal too narrow for every column at full width, the rows are stacked instead
     (:func:`_stacked_lines`): a cell is never cut and a column never dropped.
     """
+    # Names come from the inputs: escape control characters before measuring widths.
+    groups = [[[render.safe_text(cell) for cell in row] for row in group] for group in groups]
     if render.is_plain():
         for ln in _plain_table(cols, groups):
             sys.stdout.write(ln + "\n")
@@ -171,7 +173,7 @@ def _stacked_lines(
 
 def _emit_lines(lines: Sequence[str]) -> None:
     for ln in lines:
-        sys.stdout.write(ln + "\n")
+        sys.stdout.write(render.safe_text(ln) + "\n")
     sys.stdout.flush()
 
 
@@ -259,12 +261,16 @@ def _score_row(m: Any, gate_t: float | None = None) -> list[str]:
 
 
 def _gate_cell(m: Any, t: float) -> str:
-    """The gate's verdict on one module, as :func:`safelora_cli.inspection.gate` decides it."""
-    from safelora_cli.selection import round_cosine
+    """The gate's verdict on one module, decided by :func:`safelora_cli.inspection.gate` itself
+    (fails closed: ``C B A = 0`` fails; ``B A = 0`` and ``V = 0`` pass as "no cosine")."""
+    from types import SimpleNamespace
 
+    from safelora_cli.inspection import gate
+
+    passed = gate([SimpleNamespace(adapter="", modules=[m])], t).passed
     if m.cosine is None:
-        return "no cosine"
-    return f"FAIL: < {t:g}" if round_cosine(m.cosine) < t else "pass"
+        return "no cosine" if passed else "FAIL: CBA = 0"
+    return "pass" if passed else f"FAIL: < {t:g}"
 
 
 def _selection_lines(report: Any, defined: int) -> list[str]:
@@ -295,13 +301,19 @@ def _summary_lines(report: Any, gate_t: float | None = None) -> list[str]:
     defined = sum(1 for m in report.modules if m.cosine is not None)
     undefined = len(report.modules) - defined
     if gate_t is not None:
-        below = sum(1 for m in report.modules if _gate_cell(m, gate_t).startswith("FAIL"))
+        from safelora_cli.inspection import gate
+
+        res = gate([report], gate_t)
+        orth = sum(1 for f in res.failures if f.cosine is None)
+        below = len(res.failures) - orth
         first = (
-            f"gate --fail-below {gate_t:g}: {below} of {defined} modules have a cosine "
+            f"gate --fail-below {gate_t:g}: {below} of {res.checked} modules have a cosine "
             f"below {gate_t:g}"
         )
-        if undefined:
-            first += f" ({undefined} without a cosine)"
+        if orth:
+            first += f", {orth} fail with C B A = 0"
+        if undefined - orth:
+            first += f" ({undefined - orth} without a cosine, not gated)"
         sel = report.selection
         return [
             first,
@@ -614,7 +626,7 @@ def command(
         progress=render.RichProgress(quiet=quiet, label="scoring"),
     )
     if json_out:
-        _emit_lines([json.dumps(r.to_json()) for r in reports])
+        _emit_lines([json.dumps(r.to_json(), allow_nan=False) for r in reports])
     else:
         # A gate without a selection flag: the table shows the gate's verdict, not what the
         # default --num-layers 10 would project (which says nothing about the gate).
@@ -635,7 +647,7 @@ def _inspect_cache(projections: Any, *, json_out: bool, quiet: bool) -> None:
 
     summary = summarize_cache(projections, progress=render.RichProgress(quiet=quiet))
     if json_out:
-        _emit_lines([json.dumps(summary.to_json())])
+        _emit_lines([json.dumps(summary.to_json(), allow_nan=False)])
     else:
         _render_cache(summary)
 
@@ -645,7 +657,7 @@ def _inspect_adapters_alone(adapters: Sequence[str], *, json_out: bool) -> None:
 
     summaries = [summarize_adapter(a) for a in adapters]
     if json_out:
-        _emit_lines([json.dumps(s.to_json()) for s in summaries])
+        _emit_lines([json.dumps(s.to_json(), allow_nan=False) for s in summaries])
         return
     for i, s in enumerate(summaries):
         if i:
