@@ -329,13 +329,26 @@ def write_adapter_dir(s: ScoredAdapter, dest: Path) -> None:
     fsync_dir(dest)
 
 
+# A model card is text for people; anything larger is refused rather than held in memory.
+CARD_LIMIT = 16 * 1024 * 1024
+
+
 def _read_card(path: Path) -> str | None:
-    """The input adapter's README.md text (None without one); AdapterError if not UTF-8."""
+    """The input adapter's README.md text (None without one, or when it is not a regular
+    file); AdapterError if it is not UTF-8 or larger than :data:`CARD_LIMIT`."""
+    from safelora_cli.fsio import read_regular
+
     if not path.is_file():
         return None
     try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
+        return read_regular(path, CARD_LIMIT).decode("utf-8")
+    except ValueError as e:
+        if not isinstance(e, UnicodeDecodeError):
+            raise AdapterError(
+                f"{path} {e}: too large for a model card.",
+                hint="Shorten README.md (or remove it), then run again.",
+                path=path,
+            ) from None
         raise AdapterError(
             f"{path} is not UTF-8 text: its model card cannot be updated.",
             hint="Save README.md as UTF-8 (or remove it), then run again.",
