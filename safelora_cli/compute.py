@@ -63,6 +63,7 @@ from typing import TYPE_CHECKING, Any
 
 from safelora_cli.errors import CacheError, CheckpointError, SafeLoraError, UsageError
 from safelora_cli.naming import natural_sorted
+from safelora_cli.progress import announce
 from safelora_cli.projector import (
     GRAM,
     Projector,
@@ -156,7 +157,7 @@ class ComputeSummary:
 
     def line(self) -> str:
         """The one-line human summary (weights, bytes read, seconds, cache size)."""
-        parts = [f"{self.computed} weights computed"]
+        parts = [f"{self.computed} weight{'' if self.computed == 1 else 's'} computed"]
         if self.skipped:
             parts.append(f"{self.skipped} already cached")
         if self.degenerate:
@@ -180,6 +181,9 @@ class ComputeSummary:
 
 
 def _mb(n: int) -> str:
+    """A byte count for people: kB below 0.1 MB, GB from 1 GB (decimal units)."""
+    if n >= 1e9:
+        return f"{n / 1e9:.2f} GB"
     return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
@@ -596,6 +600,7 @@ def _stream_into(
         ):
             pending: tuple[Future[Any], Target] | None = None
             for t, pr in zip(todo, it, strict=True):
+                announce(progress, t.weight)
                 if pending is not None:
                     written(*pending)
                 release = functools.partial(pool.give, pr.tensor)

@@ -13,8 +13,13 @@ from safelora_cli.options import Device, Quiet, Representation, RevisionAligned,
 
 
 def command(
-    base: Annotated[str, typer.Argument(help="Base (unaligned) model: directory, file or Hub id.")],
-    aligned: Annotated[str, typer.Argument(help="Aligned model: directory, file or Hub id.")],
+    base: Annotated[
+        str,
+        typer.Argument(metavar="BASE", help="Base (unaligned) model: directory, file or Hub id."),
+    ],
+    aligned: Annotated[
+        str, typer.Argument(metavar="ALIGNED", help="Aligned model: directory, file or Hub id.")
+    ],
     output: Annotated[
         Path, typer.Option("--output", "-o", help="Cache directory to create or extend.")
     ],
