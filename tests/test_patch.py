@@ -243,8 +243,11 @@ def test_every_file_carried_over_and_metadata(tmp_path: Path) -> None:
     out = tmp_path / "out"
     [rep] = run_patch(ad, out, projections=cache, selection=Selection("num_layers", 2))
 
-    for f in ("adapter_config.json", "README.md", "tokenizer.json", "sub/notes.txt"):
+    for f in ("adapter_config.json", "tokenizer.json", "sub/notes.txt"):
         assert (out / f).read_bytes() == (ad / f).read_bytes(), f
+    # README.md is not copied but rewritten as the model card: the input's text is kept.
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n") and "# my adapter\n" in card and "safelora" in card
     assert not (out / ".git").exists()
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [
@@ -576,21 +579,22 @@ def test_failed_rename_rolls_back_the_batch(
     out = tmp_path / "out"
     run_patch([ad, ad2], out, projections=cache, selection=Selection("num_layers", 1))
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    real_rename = os.rename
-    renames: list[tuple[str, str]] = []
+    from safelora_cli import fsio
 
-    def flaky(src: Any, dst: Any) -> None:
-        renames.append((str(src), str(dst)))
+    real_exchange = fsio.exchange
+
+    def flaky(src: Any, dst: Any) -> bool:
+        # --force swaps each staged directory with its target (RENAME_EXCHANGE).
         if str(dst) == str(out / "second") and ".safelora-tmp-" in str(src):
             raise OSError(5, "I/O error")
-        real_rename(src, dst)
+        return real_exchange(src, dst)
 
-    monkeypatch.setattr(os, "rename", flaky)
+    monkeypatch.setattr(fsio, "exchange", flaky)
     with pytest.raises(OSError):
         run_patch(
             [ad, ad2], out, projections=cache, force=True, selection=Selection("num_layers", 4)
         )
-    monkeypatch.setattr(os, "rename", real_rename)
+    monkeypatch.setattr(fsio, "exchange", real_exchange)
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before
     assert sorted(p.name for p in out.iterdir()) == ["adapter", "second"]
