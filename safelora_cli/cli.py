@@ -178,7 +178,7 @@ def _register_full_model() -> None:
     # patch-model (issue 16) registered on its own, like the three above.
     from safelora_cli.commands import patch_model
 
-    app.command("patch-model", no_args_is_help=True)(cli_errors(patch_model.command))
+    app.command("patch-model", no_args_is_help=True, cls=_Command)(cli_errors(patch_model.command))
 
 
 _register_full_model()

@@ -811,9 +811,71 @@ def _other_weights(name: str) -> bool:
     return _OTHER_WEIGHTS.search(name) is not None
 
 
+CARD_LIMIT = 16 * 1024 * 1024  # a model card is text for people
+
+
+def model_section(report: ModelReport) -> str:
+    """Markdown saying what patch-model did (the model card's safelora section)."""
+    sel = report.selection.to_json()
+    flag = {"num_layers": "--num-layers", "threshold": "--threshold"}.get(sel["mode"], "--fraction")
+    rule = f"`{flag} {sel['value']}`"
+    if sel["mode"] != "threshold" and report.threshold is not None:
+        rule += f" (weights with cosine <= {report.threshold:.5f})"
+    src = report.sources or {}
+    lines = [
+        "## Safe LoRA",
+        "",
+        f"This model was patched with safelora {__version__} (patch-model), which applies Safe "
+        "LoRA (Hsu et al., NeurIPS 2024, arXiv 2405.16833) to a full fine-tune: each selected "
+        "weight was replaced by `W_aligned + C (W_ft - W_aligned)` (`C = V V^T / ||V||_F`, "
+        "`V = W_aligned - W_base`); every other tensor is unchanged.",
+        "",
+        f"- Selection: {rule}",
+        f"- Projected: {report.projected} of {report.total} weights",
+    ]
+    for key, what in (("aligned", "Aligned model"), ("base", "Base (unaligned) model")):
+        if key in src:
+            spec = src[key] or {}
+            lines.append(f"- {what}: {spec.get('repo_id') or spec.get('arg') or spec.get('path')}")
+    lines += ["", "| weight | cosine | projected |", "| --- | ---: | --- |"]
+    for m in report.modules:
+        cos = "-" if m.cosine is None else f"{round_cosine(m.cosine):.5f}"
+        verdict = "yes" if m.projected else "no"
+        lines.append(f"| `{m.name}` | {cos} | {verdict} |")
+    lines += ["", "Per-weight details (norms, reasons, sources) are in `safelora_report.json`."]
+    return "\n".join(lines) + "\n"
+
+
+def _card(inputs: _Inputs, report: ModelReport) -> str:
+    """README.md of the output: the input's card (if any) with safelora's keys and section."""
+    from safelora_cli.fsio import read_regular
+    from safelora_cli.modelcard import CARD_NAME, render_card
+
+    path = inputs.ft.root / CARD_NAME
+    existing = None
+    if path.is_file():
+        try:
+            existing = read_regular(path, CARD_LIMIT).decode("utf-8")
+        except ValueError:
+            raise CheckpointError(
+                f"{path} is not UTF-8 text or is too large for a model card.",
+                hint="Fix or remove README.md, then run again.",
+                path=path,
+            ) from None
+    aligned = (report.sources or {}).get("aligned") or {}
+    return render_card(
+        existing,
+        base_model=aligned.get("repo_id"),
+        library_name="transformers",
+        section=model_section(report),
+        source=str(path),
+    )
+
+
 def _write_rest(inputs: _Inputs, report: ModelReport, staging: Path) -> None:
-    """Every other file of FINETUNED's directory, then the report (rank 0's share)."""
+    """Every other file of FINETUNED's directory, the model card, the report (rank 0's share)."""
     from safelora_cli.fsio import fsync_dir
+    from safelora_cli.modelcard import CARD_NAME
 
     if not inputs.single_file:
         root = inputs.ft.root
@@ -826,7 +888,8 @@ def _write_rest(inputs: _Inputs, report: ModelReport, staging: Path) -> None:
             for p in root.iterdir()
             if p.name != index and p.is_file() and _other_weights(p.name)
         }
-        copy_tree(root, staging, skip | {REPORT_NAME})
+        copy_tree(root, staging, skip | {REPORT_NAME, CARD_NAME})
+        write_text(staging / CARD_NAME, _card(inputs, report))
     text = json.dumps(report.to_json(), indent=2, allow_nan=False) + "\n"
     write_text(staging / REPORT_NAME, text)
     fsync_dir(staging)

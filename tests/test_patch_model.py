@@ -100,9 +100,12 @@ def check_output(
     # Files: every input file, same shard names, index byte for byte, a report on top.
     inp = {p.name for p in trio.finetuned.iterdir()}
     assert {p.name for p in out.iterdir()} == inp | {"safelora_report.json"}
-    for f in ("config.json", "README.md", "tokenizer_config.json", "model.safetensors.index.json"):
+    for f in ("config.json", "tokenizer_config.json", "model.safetensors.index.json"):
         if (trio.finetuned / f).exists():
             assert (out / f).read_bytes() == (trio.finetuned / f).read_bytes(), f
+    card = (out / "README.md").read_text()  # the input's card plus safelora's section
+    assert "# a tiny full fine-tune" in card and "<!-- safelora:begin -->" in card
+    assert "library_name: transformers" in card and f"{len(want)} of {len(ref)} weights" in card
     assert json.loads((out / "safelora_report.json").read_text())["projected"] == len(want)
     # Shards: same names, order, dtypes, shapes; metadata kept plus provenance.
     src, dst = mt.raw(trio.finetuned), mt.raw(out)

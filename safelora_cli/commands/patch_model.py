@@ -28,7 +28,11 @@ from safelora_cli.options import (
 
 def command(
     finetuned: Annotated[
-        str, typer.Argument(help="Fully fine-tuned model: directory, .safetensors file or Hub id.")
+        str,
+        typer.Argument(
+            metavar="FINETUNED",
+            help="Fully fine-tuned model: directory, .safetensors file or Hub id.",
+        ),
     ],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output model directory.")],
     aligned: AlignedOpt = None,
