@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import re
 import shutil
 import sys
@@ -244,6 +245,7 @@ class _PairStream:
         *,
         pool: BufferPool | None = None,
         pooled_output: bool = False,
+        digests: dict[str, tuple[str, str]] | None = None,
     ):
         from safelora_cli.buffers import BufferPool
 
@@ -252,6 +254,9 @@ class _PairStream:
         self.device = device
         self.pool = pool if pool is not None else BufferPool()
         self.pooled_output = pooled_output
+        # When given: weight -> SHA-256 of the (base, aligned) bytes read, for the cache entry
+        # (hashed on the prefetch thread while the previous projector is computed).
+        self.digests = digests
 
     def load(self, t: Target) -> _Item:
         if self.device.type == "cpu":
@@ -269,6 +274,8 @@ class _PairStream:
             try:
                 wb = self.base.load_into(t.weight, parts[0])
                 wa = self.aligned.load_into(t.weight, parts[1])
+                if self.digests is not None:
+                    self.digests[t.weight] = (_sha256(parts[0]), _sha256(parts[1]))
                 alignment_delta_serial(wb, wa, fan_in_fan_out=t.fan_in_fan_out, out=v)
             except BaseException:
                 pool.give(v)
@@ -279,6 +286,8 @@ class _PairStream:
             return (t, v)
         wb = self.base.load(t.weight)
         wa = self.aligned.load(t.weight)
+        if self.digests is not None:
+            self.digests[t.weight] = (_sha256(wb), _sha256(wa))
         if self.device.type == "cuda":
             wb, wa = wb.pin_memory(), wa.pin_memory()
         return (t, wb, wa)
@@ -391,6 +400,13 @@ def schedule(targets: Sequence[Target]) -> list[Target]:
     for i in range(max(len(grams), len(factors))):
         out += [x[i] for x in (grams, factors) if i < len(x)]
     return out
+
+
+def _sha256(t: torch.Tensor) -> str:
+    """SHA-256 of a contiguous CPU tensor's bytes (as stored in the checkpoint file)."""
+    import torch
+
+    return hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy()).hexdigest()
 
 
 def _peek_present(cache_dir: Path) -> set[str]:
@@ -544,7 +560,9 @@ def _stream_into(
     # Every buffer has the size of the largest float32 delta, so any free one serves any
     # weight (a projector is never larger than its delta).
     pool = BufferPool(max((4 * t.d_out * t.d_in for t in todo), default=0))
-    stream = _PairStream(rb, ra, dev, pool=pool, pooled_output=True)
+    stream = _PairStream(rb, ra, dev, pool=pool, pooled_output=True, digests={})
+    digests = stream.digests
+    assert digests is not None
     done = 0
     progress.start(len(todo), "computing projections")
 
@@ -569,7 +587,8 @@ def _stream_into(
                 if pending is not None:
                     written(*pending)
                 release = functools.partial(pool.give, pr.tensor)
-                pending = (wx.submit(cache.put, pr, written=release), t)
+                sha = digests.pop(t.weight, None)
+                pending = (wx.submit(cache.put, pr, written=release, source_sha256=sha), t)
                 del pr, release
             if pending is not None:
                 written(*pending)
@@ -593,9 +612,9 @@ def _run(
 ) -> ComputeSummary:
     from safelora_cli.cache import ProjectionCache
 
-    cache = ProjectionCache.create_or_resume(cache_dir, sb, sa, dtype=dtype)
+    read0 = rb.bytes_read + ra.bytes_read  # checking a copy's tensors counts as read
+    cache = ProjectionCache.create_or_resume(cache_dir, sb, sa, dtype=dtype, readers=(rb, ra))
     created = cache.created
-    read0 = rb.bytes_read + ra.bytes_read
     degenerate: list[str] = []
     todo: list[Target] = []
     done = 0
@@ -750,7 +769,9 @@ def _run_distributed(
     # 1. Rank 0 owns the cache (lock, manifest) and splits the missing weights.
     if dist.is_main:
         try:
-            cache = ProjectionCache.create_or_resume(cache_dir, sb, sa, dtype=dtype)
+            cache = ProjectionCache.create_or_resume(
+                cache_dir, sb, sa, dtype=dtype, readers=(rb, ra)
+            )
             cache.require([(t.weight, t.fan_in_fan_out) for t in tlist if cache.has(t.weight)])
             todo = [t for t in tlist if not cache.has(t.weight)]
             shares = split_targets(todo, rb, ra, dist.world_size, dev.type)
