@@ -599,7 +599,7 @@ class ProjectionCache:
                 err, verify = _source_problem(p, f"{side} model", old.get(side), recorded, spec)
                 if err is not None:
                     raise err
-                if verify and entries:
+                if verify:
                     check.append((i, f"{side} model", recorded, spec))
             if m["dtype"] != code:
                 raise CacheError(
@@ -607,15 +607,24 @@ class ProjectionCache:
                     hint="use a new -o directory for another dtype",
                     path=p,
                 )
-            if check and readers is None:
-                raise CacheError(
-                    f"projection cache {p}: the {check[0][1]}'s files are not the ones it was "
-                    "built from, and no readers were given to compare tensors",
-                    path=p,
-                )
-            _verify_sources(p, entries, [(*c, readers[c[0]]) for c in check])  # type: ignore[index]
             lock = cls._lock(p)
             cache = cls(p, m, entries, writable=True, device=device, lock_fd=lock)
+            if check:
+                # What a killed multi-process run journalled is adopted below: check it too.
+                every = {e.weight: e for e in cache._journal_entries()} | entries
+                try:
+                    if every:
+                        if readers is None:
+                            raise CacheError(
+                                f"projection cache {p}: the {check[0][1]}'s files are not the "
+                                "ones it was built from, and no readers were given to compare "
+                                "tensors",
+                                path=p,
+                            )
+                        _verify_sources(p, every, [(*c, readers[c[0]]) for c in check])
+                except BaseException:
+                    cache.close()
+                    raise
             # Refresh provenance fields that are not part of the fingerprint (e.g. the path
             # spelling); what must match already did.
             cache._manifest["sources"] = sources

@@ -344,10 +344,7 @@ def _refuse_as_model(path: Path, arg: str, label: str) -> None:
 def _refuse_as_adapter(path: Path, arg: str) -> None:
     """AdapterError when ``path`` is a projection cache or a model, not an adapter."""
     kind = input_kind(path)
-    want = (
-        f"ADAPTER is a PEFT adapter directory ({ADAPTER_CONFIG} and adapter_model.safetensors, "
-        "as save_pretrained writes it)"
-    )
+    want = f"an adapter is a PEFT directory with {ADAPTER_CONFIG} and adapter_model.safetensors"
     if kind == "cache":
         raise AdapterError(
             f"adapter: {arg} is a projection cache (it has manifest.json), not a LoRA adapter; "
@@ -360,8 +357,8 @@ def _refuse_as_adapter(path: Path, arg: str) -> None:
         raise AdapterError(
             f"adapter: {arg} is a model checkpoint (it has {_model_marker(d)}), not a LoRA "
             "adapter; pass it as BASE or ALIGNED",
-            hint="models go to compute-projections as BASE ALIGNED, and to patch and inspect "
-            f"as --base/--aligned; {want}",
+            hint="models go to compute-projections as BASE ALIGNED and to patch or inspect as "
+            f"--base/--aligned; {want}",
             path=arg,
         )
 
@@ -376,9 +373,13 @@ def header_sha256(path: Path) -> str:
     equal sizes mean the same layout (not the same values: see :func:`tensor_sha256`). The
     file was validated by :func:`safelora_cli.reader.read_header` before this is called.
     """
+    from safelora_cli.reader import MAX_HEADER_BYTES
+
     with open(path, "rb") as fh:
         raw_len = fh.read(8)
-        return hashlib.sha256(raw_len + fh.read(int.from_bytes(raw_len, "little"))).hexdigest()
+        # Bounded as read_header bounds it (a file swapped since would otherwise be read whole).
+        n = min(int.from_bytes(raw_len, "little"), MAX_HEADER_BYTES)
+        return hashlib.sha256(raw_len + fh.read(n)).hexdigest()
 
 
 def tensor_sha256(reader: CheckpointReader, name: str) -> str:
@@ -386,8 +387,9 @@ def tensor_sha256(reader: CheckpointReader, name: str) -> str:
     return hashlib.sha256(reader.read_bytes(name)).hexdigest()
 
 
-def _stat_files(files: Iterable[Path], root: Path) -> dict[str, dict]:
-    """Per file (relative name): size and ``mtime_ns``, plus the header digest of safetensors."""
+def _stat_files(files: Iterable[Path], root: Path, *, headers: bool = False) -> dict[str, dict]:
+    """Per file (relative name): size and ``mtime_ns``; with ``headers`` (files validated by
+    the reader) also the header digest of each ``.safetensors`` file."""
     out: dict[str, dict] = {}
     for f in files:
         st = f.stat()
@@ -396,7 +398,7 @@ def _stat_files(files: Iterable[Path], root: Path) -> dict[str, dict]:
         except ValueError:
             rel = f.name
         out[rel] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-        if f.name.endswith(".safetensors"):
+        if headers and f.name.endswith(".safetensors"):
             out[rel]["header_sha256"] = header_sha256(f)
     return out
 
@@ -438,7 +440,7 @@ def _open_local(path: Path, arg: str, label: str) -> tuple[CheckpointReader, Sou
         arg=arg,
         kind="local",
         path=str(path.resolve()),
-        files=_stat_files(weight_files, root),
+        files=_stat_files(weight_files, root, headers=True),
         config=_read_config(root / CONFIG_NAME, label=label),
     )
     return reader, spec
@@ -684,7 +686,7 @@ def _pick_weights(files: list[str], repo_id: str, rev: str, label: str) -> tuple
         raise CheckpointError(
             f"{label}: Hub repo {repo_id}@{rev} has only pickled weights ({pickled[0]}); "
             "only safetensors is read",
-            hint=CONVERT_HINT,
+            hint=f"download it (hf download {repo_id} --local-dir DIR), then " + CONVERT_HINT,
             path=repo_id,
         )
     raise SourceError(

@@ -203,7 +203,8 @@ def test_pickled_only_hub_repo_refused(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError) as ei:
         open_model("org/old", label="base model")
     assert "pytorch_model.bin" in one_line(ei)
-    assert "safe_serialization=True" in ei.value.hint
+    assert ei.value.hint.startswith("download it (hf download org/old --local-dir DIR), then")
+    assert "save_file" in ei.value.hint and "weights_only=True" in ei.value.hint
 
 
 # -- argument classification -----------------------------------------------------------------
