@@ -295,7 +295,7 @@ def test_byte_identical_copy_is_accepted(tmp_path: Path) -> None:
     assert s.bytes_read == q_bytes + v_bytes
     # From the very files recorded: nothing is read again.
     s = compute_projections(cb, ca, cache, targets="q_proj,v_proj")
-    assert s.computed == 0
+    assert s.computed == 0 and s.bytes_read == 0
     r = cli("compute-projections", cb, ca, "-o", str(cache), "--targets", "q_proj,v_proj")
     assert r.exit_code == 0, r.stderr
 
@@ -573,3 +573,66 @@ def test_swapping_base_and_aligned_gives_the_same_projector(tmp_path: Path) -> N
 def _full_c(pr) -> torch.Tensor:
     t = pr.tensor.double()
     return t if pr.kind == "gram" else t @ t.T
+
+
+def test_journalled_entries_are_checked_too(tmp_path: Path) -> None:
+    """A killed multi-process run's journal is adopted on resume: from a copy, it is checked."""
+    from safelora_cli.compute import _PairStream, parse_device
+
+    pair = factory.make_pair(tmp_path / "p", layers=2)
+    cache = tmp_path / "cache"
+    rb, sb = open_model(str(pair.base_dir), label="base model")
+    ra, sa = open_model(str(pair.aligned_dir), label="aligned model")
+    with rb, ra:
+        from safelora_cli.targets import resolve_targets
+
+        q0, v1 = (t for t in resolve_targets(rb, targets="q_proj,v_proj") if t.weight in (Q0, V1))
+        owner = ProjectionCache.create_or_resume(cache, sb, sa)
+        worker = ProjectionCache.worker(cache, owner.manifest, rank=1)
+        stream = _PairStream(rb, ra, parse_device("cpu"), digests={})
+        assert stream.digests is not None
+        owner.put(stream.compute([stream.load(q0)]), source_sha256=stream.digests[Q0])
+        # Rank 1's entry records digests of other weights than these.
+        worker.put(stream.compute([stream.load(v1)]), source_sha256=("1" * 64, "1" * 64))
+        owner.close()
+    assert (cache / ".journal-1.json").is_file()
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp_path / "p", copy, copy_function=shutil.copyfile)
+    before = tree(cache)
+    rb, sb = open_model(str(copy / "base"), label="base model")
+    ra, sa = open_model(str(copy / "aligned"), label="aligned model")
+    with rb, ra, pytest.raises(CacheError) as ei:
+        ProjectionCache.create_or_resume(cache, sb, sa, readers=(rb, ra))
+    assert f"{V1} has other values" in ei.value.message  # the journalled entry
+    assert tree(cache) == before
+    # With the digests the entry really had, it is adopted.
+    j = json.loads((cache / ".journal-1.json").read_text())
+    j["weights"][V1]["source_sha256"] = {
+        "base": _entry_sha(pair.base_dir, V1),
+        "aligned": _entry_sha(pair.aligned_dir, V1),
+    }
+    (cache / ".journal-1.json").write_text(json.dumps(j))
+    rb, sb = open_model(str(copy / "base"), label="base model")
+    ra, sa = open_model(str(copy / "aligned"), label="aligned model")
+    with rb, ra, ProjectionCache.create_or_resume(cache, sb, sa, readers=(rb, ra)) as c:
+        assert c.has(Q0) and c.has(V1)
+
+
+def test_save_projections_records_source_digests(tmp_path: Path) -> None:
+    """``patch --save-projections`` writes entries a copy of the models can be checked by."""
+    pair = factory.make_pair(tmp_path / "p", layers=2)
+    adapter = factory.write_adapter(tmp_path / "lora", base=pair.base)
+    b, a, cache = str(pair.base_dir), str(pair.aligned_dir), tmp_path / "cache"
+    r = cli("patch", str(adapter), "--base", b, "--aligned", a, "-o", str(tmp_path / "out"),
+            "--save-projections", str(cache), "-q")  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    m = json.loads((cache / MANIFEST).read_text())
+    assert m["weights"]
+    for w, e in m["weights"].items():
+        want = {"base": _entry_sha(pair.base_dir, w), "aligned": _entry_sha(pair.aligned_dir, w)}
+        assert e["source_sha256"] == want, w
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp_path / "p", copy, copy_function=shutil.copyfile)
+    r = cli("compute-projections", str(copy / "base"), str(copy / "aligned"), "-o", str(cache),
+            "--adapter", str(adapter), "-q")  # fmt: skip
+    assert r.exit_code == 0, r.stderr
