@@ -10,9 +10,12 @@ Format: see ``docs/cache-format.md`` (DESIGN §5). Contract used by patch, inspe
 - :meth:`ProjectionCache.create_or_resume` ``(path, base, aligned, *, dtype)``: writable.
   A fresh directory gets a manifest with zero entries and ``"state": "in_progress"`` before any
   compute (created in a temporary sibling, then renamed), so it is never half-written and
-  unmarked. An existing cache is refused, with the difference explained, when its recorded
-  source fingerprints (``SourceSpec.fingerprint()``) or its dtype differ. A non-empty directory
-  that is not a cache is refused. One writer at a time (``flock`` on the directory).
+  unmarked. An existing cache is refused, with the difference said in words and both models
+  named, when its recorded source fingerprints (``SourceSpec.fingerprint()``: content, not file
+  times) or its dtype differ; when they match but the local files are not the very ones
+  recorded, every entry's ``source_sha256`` (the source tensors' digests) is checked against
+  ``readers`` first, so a byte-identical copy is accepted and other values are not. A non-empty
+  directory that is not a cache is refused. One writer at a time (``flock`` on the directory).
 - ``sources`` (``{"base": ..., "aligned": ...}``: ``SourceSpec.to_json()``), ``dtype``
   (safetensors code), ``complete``, ``weights()`` (natural order), ``has(weight)``,
   ``entry(weight) -> CacheEntry``, ``size_bytes()``.
