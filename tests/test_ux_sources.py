@@ -638,3 +638,30 @@ def test_save_projections_records_source_digests(tmp_path: Path) -> None:
     r = cli("compute-projections", str(copy / "base"), str(copy / "aligned"), "-o", str(cache),
             "--adapter", str(adapter), "-q")  # fmt: skip
     assert r.exit_code == 0, r.stderr
+
+
+def test_pair_stream_digests_on_the_device_path(tmp_path: Path) -> None:
+    """The non-CPU branch (CUDA) hashes on its own threads: same digests as the files' bytes."""
+    from safelora_cli.compute import _PairStream
+    from safelora_cli.targets import resolve_targets
+
+    pair = factory.make_pair(tmp_path, layers=2)
+    rb, _ = open_model(str(pair.base_dir), label="base model")
+    ra, _ = open_model(str(pair.aligned_dir), label="aligned model")
+    with rb, ra:
+        ts = resolve_targets(rb, targets="q_proj,up_proj")
+        # "meta" takes the device branch of load() without a GPU; compute() is not called.
+        stream = _PairStream(rb, ra, torch.device("meta"), digests={})
+        try:
+            for t in ts:
+                stream.load(t)
+            for t in ts:
+                want = (_entry_sha(pair.base_dir, t.weight), _entry_sha(pair.aligned_dir, t.weight))
+                assert stream.take_digests(t.weight) == want
+            assert stream.take_digests(ts[0].weight) is None  # taken once
+        finally:
+            stream.close()
+        cpu = _PairStream(rb, ra, torch.device("cpu"), digests={})
+        cpu.load(ts[0])
+        want = (_entry_sha(pair.base_dir, ts[0].weight), _entry_sha(pair.aligned_dir, ts[0].weight))
+        assert cpu.take_digests(ts[0].weight) == want
