@@ -412,6 +412,22 @@ def _source_problem(
     return None, not spec.same_files(recorded)
 
 
+def _source_checks(path: Path, m: dict[str, Any], base: Any, aligned: Any) -> list[tuple]:
+    """Refuse (CacheError, in words) when ``base``/``aligned`` are not the models of manifest
+    ``m``; return the sides whose entries' digests must still be checked against the tensors
+    (``(index, label, recorded source, SourceSpec)``)."""
+    old = m.get("fingerprints") if isinstance(m.get("fingerprints"), dict) else {}
+    check = []
+    for i, (side, spec) in enumerate((("base", base), ("aligned", aligned))):
+        recorded = m["sources"].get(side)
+        err, verify = _source_problem(path, f"{side} model", old.get(side), recorded, spec)
+        if err is not None:
+            raise err
+        if verify:
+            check.append((i, f"{side} model", recorded, spec))
+    return check
+
+
 def _verify_sources(
     path: Path, entries: dict[str, CacheEntry], sides: Sequence[tuple[int, str, Any, Any, Any]]
 ) -> None:
@@ -595,15 +611,7 @@ class ProjectionCache:
             )
         if p.is_dir() and (p / MANIFEST).exists():
             m, entries = cls._load(p)
-            old = m.get("fingerprints") if isinstance(m.get("fingerprints"), dict) else {}
-            check = []
-            for i, (side, spec) in enumerate((("base", base), ("aligned", aligned))):
-                recorded = m["sources"].get(side)
-                err, verify = _source_problem(p, f"{side} model", old.get(side), recorded, spec)
-                if err is not None:
-                    raise err
-                if verify:
-                    check.append((i, f"{side} model", recorded, spec))
+            check = _source_checks(p, m, base, aligned)  # refuses other models, in words
             if m["dtype"] != code:
                 raise CacheError(
                     f"projection cache {p} stores {m['dtype']}, not the requested {code}",
@@ -612,22 +620,11 @@ class ProjectionCache:
                 )
             lock = cls._lock(p)
             cache = cls(p, m, entries, writable=True, device=device, lock_fd=lock)
-            if check:
-                # What a killed multi-process run journalled is adopted below: check it too.
-                every = {e.weight: e for e in cache._journal_entries()} | entries
-                try:
-                    if every:
-                        if readers is None:
-                            raise CacheError(
-                                f"projection cache {p}: the {check[0][1]}'s files are not the "
-                                "ones it was built from, and no readers were given to compare "
-                                "tensors",
-                                path=p,
-                            )
-                        _verify_sources(p, every, [(*c, readers[c[0]]) for c in check])
-                except BaseException:
-                    cache.close()
-                    raise
+            try:
+                cache._verify_sources(check, readers)  # a copy: its tensors' digests
+            except BaseException:
+                cache.close()
+                raise
             # Refresh provenance fields that are not part of the fingerprint (e.g. the path
             # spelling); what must match already did.
             cache._manifest["sources"] = sources
@@ -771,6 +768,23 @@ class ProjectionCache:
             except CacheError:
                 continue
         return out
+
+    def _verify_sources(self, check: list[tuple], readers: Sequence[Any] | None) -> None:
+        """Check every entry, journalled ones included, against ``readers`` for the sides in
+        ``check`` (from :func:`_source_checks`); CacheError naming the first that differs."""
+        if not check:
+            return
+        # What a killed multi-process run journalled is adopted by _cleanup: check it too.
+        every = {e.weight: e for e in self._journal_entries()} | self._entries
+        if not every:
+            return
+        if readers is None:
+            raise CacheError(
+                f"projection cache {self.path}: the {check[0][1]}'s files are not the ones it "
+                "was built from, and no readers were given to compare tensors",
+                path=self.path,
+            )
+        _verify_sources(self.path, every, [(*c, readers[c[0]]) for c in check])
 
     def _cleanup(self) -> None:
         """Drop temporaries of a killed run and entries whose files are gone or damaged.
