@@ -29,6 +29,7 @@ not name base-model weights one to one), and an adapter with no LoRA tensor at a
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -235,30 +236,142 @@ class Adapter:
 # ----------------------------------------------------------------------------- config
 
 
-def pattern_key(pattern_keys: Iterable[str], module: str) -> str | None:
-    """The first pattern key matching ``module`` exactly as PEFT's ``get_pattern_key`` does.
+# A key made only of these characters has no quantifier, group, class or alternation: matching
+# it (behind PEFT's ``(.*\.)?`` prefix) is linear in the module name, so it runs in-process.
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_.\-^$]*")
+REGEX_TIMEOUT_S = 10.0
+# Any other key runs in a child interpreter with a deadline: Python's re cannot be interrupted,
+# and a key such as "(a+)+$" backtracks exponentially on a long module name.
+_MATCH_CHILD = (
+    "import json, re, sys\n"
+    "d = json.load(sys.stdin)\n"
+    "out = []\n"
+    "for m in d['modules']:\n"
+    "    out.append(next((i for i, k in enumerate(d['keys'])\n"
+    "                     if re.match('(.*\\\\.)?(' + k + ')$', m)), -1))\n"
+    "json.dump(out, sys.stdout)\n"
+)
 
-    A key matches when ``re.match(rf"(.*\\.)?({key})$", module)`` does: the key is a regex that
-    must match a whole dotted suffix of the module path. None when no key matches.
+
+def _regex_timeout() -> float:
+    import os
+
+    try:
+        t = float(os.environ.get("SAFELORA_REGEX_TIMEOUT", REGEX_TIMEOUT_S))
+    except ValueError:
+        return REGEX_TIMEOUT_S
+    return t if t > 0 and math.isfinite(t) else REGEX_TIMEOUT_S
+
+
+def _peft_match(key: str, module: str) -> bool:
+    return re.match(rf"(.*\.)?({key})$", module) is not None
+
+
+def match_pattern_keys(
+    pattern_keys: Iterable[str], modules: Iterable[str], *, what: str = "pattern", where: str = ""
+) -> dict[str, str | None]:
+    """Each module's first matching pattern key, as PEFT's ``get_pattern_key`` matches it.
+
+    A key matches when ``re.match(rf"(.*\\.)?({key})$", module)`` does (the key is a regex
+    for a whole dotted suffix of the module path). Plain keys (letters, digits, ``_ . - ^ $``)
+    match in-process; any other key is matched by a child Python (the same ``re`` engine, so
+    the same semantics) that must finish within ``SAFELORA_REGEX_TIMEOUT`` seconds (default
+    10): a key that backtracks catastrophically is an AdapterError naming it, not a hang.
     """
-    for key in pattern_keys:
-        if re.match(rf"(.*\.)?({key})$", module):
-            return key
-    return None
+    keys = list(pattern_keys)
+    names = list(dict.fromkeys(modules))
+    if not keys or not names:
+        return dict.fromkeys(names)
+    if all(_PLAIN_KEY.fullmatch(k) for k in keys):
+        return {m: next((k for k in keys if _peft_match(k, m)), None) for m in names}
+    timeout = _regex_timeout()
+    found = _match_in_child(tuple(keys), tuple(names), timeout)
+    hint = (
+        f"simplify the {what} keys in adapter_config.json (a key is a regex matched against "
+        "each module name; nested quantifiers such as (a+)+ take exponential time)"
+    )
+    if found is None:
+        slow = [k for k in keys if not _PLAIN_KEY.fullmatch(k)]
+        shown = ", ".join(repr(k[:60]) for k in slow[:3])
+        raise AdapterError(
+            f"adapter: {where}: matching the {what} keys {shown} against the module names "
+            f"took more than {timeout:g} s",
+            hint=hint,
+            path=where or None,
+        )
+    if isinstance(found, str):
+        raise AdapterError(
+            f"adapter: {where}: the {what} keys could not be matched ({found})",
+            hint=hint,
+            path=where or None,
+        )
+    return {m: (keys[i] if 0 <= i < len(keys) else None) for m, i in zip(names, found, strict=True)}
 
 
-def resolve_rank_alpha(config: dict, module: str) -> tuple[int, float]:
-    """``(r, alpha)`` of ``module`` after ``rank_pattern`` / ``alpha_pattern`` (as PEFT does)."""
+@functools.lru_cache(maxsize=64)
+def _match_in_child(
+    keys: tuple[str, ...], names: tuple[str, ...], timeout: float
+) -> tuple[int, ...] | str | None:
+    """Index of each name's first matching key (-1: none), computed by a child interpreter;
+    None when it ran out of time, a string saying why it failed otherwise.
+
+    Cached: a batch of adapters from one recipe shares config and module names, so a fleet
+    pays for one child (or one timeout), not one per adapter.
+    """
+    import subprocess
+    import sys
+
+    try:
+        done = subprocess.run(
+            [sys.executable, "-I", "-S", "-c", _MATCH_CHILD],
+            input=json.dumps({"keys": keys, "modules": names}),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return None
+    try:
+        found = json.loads(done.stdout) if done.returncode == 0 else None
+    except ValueError:
+        found = None
+    if not isinstance(found, list) or len(found) != len(names):
+        return (done.stderr.strip().splitlines() or ["no output"])[-1][:160]
+    return tuple(i if isinstance(i, int) and not isinstance(i, bool) else -1 for i in found)
+
+
+def pattern_key(pattern_keys: Iterable[str], module: str) -> str | None:
+    """The first pattern key matching ``module`` exactly as PEFT's ``get_pattern_key`` does
+    (see :func:`match_pattern_keys`; the same bounded matching). None when no key matches."""
+    return match_pattern_keys(pattern_keys, [module])[module]
+
+
+def resolve_all(
+    config: dict, modules: Iterable[str], *, where: str = ""
+) -> dict[str, tuple[int, float]]:
+    """``{module: (r, alpha)}`` after ``rank_pattern`` / ``alpha_pattern`` (as PEFT does), with
+    each pattern matched once for all modules (one bounded child process at most per pattern)."""
+    names = list(dict.fromkeys(modules))
     r = config.get("r", DEFAULT_R)
     alpha = config.get("lora_alpha", DEFAULT_ALPHA)
     rp = config.get("rank_pattern") or {}
     ap = config.get("alpha_pattern") or {}
+    rk = match_pattern_keys(rp, names, what="rank_pattern", where=where)
+    ak = match_pattern_keys(ap, names, what="alpha_pattern", where=where)
     # PEFT falls back to looking the module name itself up when no key matches.
-    rk = pattern_key(rp, module)
-    ak = pattern_key(ap, module)
-    r = rp.get(rk if rk is not None else module, r)
-    alpha = ap.get(ak if ak is not None else module, alpha)
-    return r, alpha
+    return {
+        m: (
+            rp.get(rk[m] if rk[m] is not None else m, r),
+            ap.get(ak[m] if ak[m] is not None else m, alpha),
+        )
+        for m in names
+    }
+
+
+def resolve_rank_alpha(config: dict, module: str) -> tuple[int, float]:
+    """``(r, alpha)`` of ``module`` after ``rank_pattern`` / ``alpha_pattern`` (as PEFT does)."""
+    return resolve_all(config, [module])[module]
 
 
 def lora_scale(alpha: float, r: int, *, use_rslora: bool) -> float:
@@ -320,9 +433,10 @@ def read_config(directory: Path) -> dict:
         for k, v in pat.items():
             try:
                 re.compile(rf"(.*\.)?({k})$")
-            except re.error as e:
+            except (re.error, OverflowError, RecursionError, MemoryError) as e:
+                # OverflowError: a{99999999999}; RecursionError: thousands of nested groups.
                 raise _config_error(
-                    p, f"{key} key {k!r} is not a valid regex ({e})", "fix the config"
+                    p, f"{key} key {k[:80]!r} is not a valid regex ({e})", "fix the config"
                 ) from None
             ok = (
                 isinstance(v, int) and not isinstance(v, bool) and v > 0
@@ -554,6 +668,11 @@ def _fill(ad: Adapter) -> None:
 
     modules: list[LoraModule] = []
     skipped: list[SkippedModule] = []
+    ranks = resolve_all(
+        cfg,
+        [m for m, g in groups.items() if g.a or g.b],
+        where=str(ad.path / CONFIG_NAME),
+    )
     for module in natural_sorted(groups):
         g = groups[module]
         if not (g.a or g.b):
@@ -602,7 +721,7 @@ def _fill(ad: Adapter) -> None:
             continue
         r_a, d_in = shape_a
         d_out, r_b = shape_b
-        r_cfg, alpha = resolve_rank_alpha(cfg, module)
+        r_cfg, alpha = ranks[module]
         if r_a != r_b or r_a != r_cfg:
             raise AdapterError(
                 f"adapter: {wp}: {module} has rank {r_a} in lora_A {list(shape_a)} and {r_b} "

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import typer
 
-from safelora_cli import __version__
+from safelora_cli import __version__, interrupts
 from safelora_cli.errors import EXIT_ERROR, SafeLoraError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -53,15 +53,13 @@ def cli_errors(fn: F) -> F:
                 raise
             print_error(exc.lines())
             raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            print_error(
-                [
-                    "interrupted.",
-                    "No partial adapter is left; an interrupted compute-projections keeps its "
-                    "finished entries and resumes when rerun.",
-                ]
-            )
-            raise typer.Exit(130) from None
+        except (interrupts.Interrupted, KeyboardInterrupt) as exc:
+            # Ctrl-C / SIGTERM / SIGHUP (interrupts.install): the clean-up already ran on the
+            # way here (every writer cleans up in ``except BaseException``); one line, 128 + N.
+            if debug_enabled():
+                raise
+            print_error([interrupts.line(exc)])
+            raise typer.Exit(interrupts.exit_code(exc)) from None
         except MemoryError:
             if debug_enabled():
                 raise
@@ -161,7 +159,9 @@ _register()
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point (``safelora_cli.__main__.main`` calls it after installing the
+    signal handlers before this module's imports; installing again here is harmless)."""
+    interrupts.install()
     # Set before torch (and its OpenMP runtime) loads: with a prefetch or writer thread beside
     # the main one, spinning OpenMP workers made each small torch call 10-100x slower on 2 cores
     # (bench/patch_bench.py). A user's own setting wins.

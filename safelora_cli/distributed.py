@@ -10,9 +10,12 @@ Contract:
   imports nothing).
 - :func:`current` ``(device="auto") -> Dist | None``: ``None`` without a launcher; otherwise the
   process group, set up once through accelerate's ``PartialState`` (gloo on CPU, NCCL on CUDA:
-  ``device="cpu"`` or a machine without CUDA selects gloo). The group's timeout is
-  ``SAFELORA_DIST_TIMEOUT`` seconds (default 24 h): a rank whose share takes longer than the
-  others waits in the next collective, and must not be cut off by torch's default 10-30 min.
+  ``device="cpu"`` or a machine without CUDA selects gloo). The ranks must find each other
+  within ``SAFELORA_DIST_INIT_TIMEOUT`` seconds (default 300): a stray WORLD_SIZE/RANK without
+  MASTER_ADDR/MASTER_PORT, or a group that never forms, is a :class:`LaunchError`, not a hang.
+  The collectives' timeout is ``SAFELORA_DIST_TIMEOUT`` seconds (default 24 h): a rank whose
+  share takes longer than the others waits in the next collective, and must not be cut off by
+  torch's default 10-30 min.
 - :class:`Dist`: ``rank``, ``world_size``, ``local_rank``, ``device`` (``PartialState().device``:
   ``cuda:<local_rank>`` on a GPU node, ``cpu`` otherwise), ``is_main``; the collectives
   :meth:`Dist.all_gather`, :meth:`Dist.broadcast` and :meth:`Dist.agree` (every rank calls each
@@ -33,9 +36,11 @@ Contract:
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import os
-from collections.abc import Callable, Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -45,6 +50,8 @@ if TYPE_CHECKING:
     import torch
 
 DEFAULT_TIMEOUT_S = 24 * 3600
+# How long the ranks may take to find each other (the TCP store rendezvous).
+DEFAULT_INIT_TIMEOUT_S = 300.0
 
 
 def launched() -> bool:
@@ -179,23 +186,158 @@ def agreed(dist: Dist | None, fn: Callable[[], T]) -> T:
     return out
 
 
+class LaunchError(SafeLoraError):
+    """The launcher environment (WORLD_SIZE, RANK, MASTER_ADDR ...) is unusable, or the process
+    group did not form in time."""
+
+
+LAUNCH_HINT = (
+    "Start every rank with accelerate launch or torchrun (docs/scale-out.md), or unset "
+    "WORLD_SIZE and RANK to run as one process."
+)
+
+
+def _env_seconds(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not (value > 0 and value < 10**9):  # also refuses NaN and inf
+        raise LaunchError(
+            f"{name}={raw!r} is not a number of seconds",
+            hint=f"Set {name} to a positive number of seconds, or unset it (default {default:g}).",
+        )
+    return value
+
+
+def _env_int(name: str) -> int | None:
+    raw = os.environ.get(name)
+    if raw is None:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise LaunchError(
+            f"{name}={raw!r} is not an integer (WORLD_SIZE={os.environ.get('WORLD_SIZE')!r})",
+            hint=LAUNCH_HINT,
+        ) from None
+
+
+@contextlib.contextmanager
+def _stderr_silenced() -> Iterator[None]:
+    """File descriptor 2 points at /dev/null inside the block (native libraries' logging)."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def launch_env() -> tuple[int, int, str, int]:
+    """``(rank, world_size, master_addr, master_port)`` of a launch, checked (LaunchError).
+
+    A launcher sets all four; WORLD_SIZE/RANK alone (a stray environment, e.g. copied from a
+    training job) cannot form a group and is refused at once instead of waiting.
+    """
+    world = _env_int("WORLD_SIZE") or 1
+    rank = _env_int("RANK")
+    if rank is None or not 0 <= rank < world:
+        raise LaunchError(
+            f"RANK={os.environ.get('RANK')!r} does not fit WORLD_SIZE={world}",
+            hint=LAUNCH_HINT,
+        )
+    missing = [n for n in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(n, "").strip()]
+    if missing:
+        raise LaunchError(
+            f"WORLD_SIZE={world} and RANK={rank} are set but {' and '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not: no launcher started this process",
+            hint=LAUNCH_HINT,
+        )
+    port = _env_int("MASTER_PORT")
+    if port is None or not 0 < port < 65536:
+        raise LaunchError(
+            f"MASTER_PORT={os.environ.get('MASTER_PORT')!r} is not a port", hint=LAUNCH_HINT
+        )
+    return rank, world, os.environ["MASTER_ADDR"].strip(), port
+
+
 def current(device: str | None = "auto") -> Dist | None:
-    """The multi-process context, or None when no launcher started this process (no imports)."""
+    """The multi-process context, or None when no launcher started this process (no imports).
+
+    The group forms through a TCP store at ``MASTER_ADDR:MASTER_PORT`` that every rank must
+    join within ``SAFELORA_DIST_INIT_TIMEOUT`` seconds (default :data:`DEFAULT_INIT_TIMEOUT_S`);
+    a rank that is missing then, or a master that is unreachable, is a LaunchError on every
+    rank that is waiting, not a wait of ``SAFELORA_DIST_TIMEOUT`` (the collectives' timeout,
+    default 24 h, for a rank whose share takes long).
+    """
     if not launched():
         return None
     if _CURRENT:
         return _CURRENT[0]
     from datetime import timedelta
 
+    rank, world, addr, port = launch_env()
+    timeout = _env_seconds("SAFELORA_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)
+    init_timeout = _env_seconds("SAFELORA_DIST_INIT_TIMEOUT", DEFAULT_INIT_TIMEOUT_S)
+
     import torch
+    import torch.distributed as td
     from accelerate import PartialState
 
     spec = (device or "auto").strip().lower()
     cpu = spec == "cpu" or not torch.cuda.is_available()
-    try:
-        timeout = float(os.environ.get("SAFELORA_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
-    except ValueError:
-        timeout = DEFAULT_TIMEOUT_S
+    if not td.is_initialized():
+        try:
+            # c10d logs every failed connect attempt (with C++ stack frames) straight to fd 2;
+            # the error below says it in one line instead.
+            # As torch's env:// rendezvous does: under torchrun the elastic agent already hosts
+            # the store at MASTER_ADDR:MASTER_PORT and every rank is a client; otherwise rank 0
+            # hosts it (multi-tenant) and waits for the others, here for init_timeout only.
+            agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+            with _stderr_silenced():
+                store = td.TCPStore(
+                    addr,
+                    port,
+                    world,
+                    is_master=rank == 0 and not agent,
+                    timeout=timedelta(seconds=init_timeout),
+                    wait_for_workers=not agent,
+                    multi_tenant=True,
+                )
+                store.set_timeout(timedelta(seconds=timeout))
+                td.init_process_group(
+                    "gloo" if cpu else "nccl",
+                    store=td.PrefixStore("default_pg", store),
+                    rank=rank,
+                    world_size=world,
+                    timeout=timedelta(seconds=timeout),
+                )
+        except (RuntimeError, ValueError, OSError) as e:
+            who = (
+                "the other ranks did not join"
+                if rank == 0
+                else f"rank 0 at {addr}:{port} did not answer"
+            )
+            detail = (str(e).splitlines() or [""])[0][:160]
+            raise LaunchError(
+                f"rank {rank} of {world}: the process group did not form within "
+                f"{init_timeout:g} s ({who}; {type(e).__name__}: {detail})",
+                hint=LAUNCH_HINT.replace(
+                    "process.", "process; SAFELORA_DIST_INIT_TIMEOUT sets the wait."
+                ),
+            ) from None
     state = PartialState(cpu=cpu, timeout=timedelta(seconds=timeout))
     d = Dist(
         rank=int(state.process_index),

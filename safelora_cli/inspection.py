@@ -381,7 +381,19 @@ def summarize_cache(path: str | Path, *, progress: Progress | None = None) -> Ca
             for name in names:
                 e = cache.entry(name)
                 proj = cache.get(name, fan_in_fan_out=e.fan_in_fan_out)
-                sigma_sq, srank = stable_rank(e.kind, proj.tensor, e.norm_v)
+                finite = bool(proj.tensor.isfinite().all())
+                sigma_sq, srank = (
+                    stable_rank(e.kind, proj.tensor, e.norm_v) if finite else (math.nan, None)
+                )
+                if any(x is not None and not math.isfinite(x) for x in (sigma_sq, srank)):
+                    # NaN/Inf in the entry: say so rather than print a NaN (or invalid JSON).
+                    raise CacheError(
+                        f"projection cache {path}: the projector of {name} ({e.file}) contains "
+                        "NaN or Inf",
+                        hint="The cache is damaged: delete it and run safelora "
+                        "compute-projections again.",
+                        path=path,
+                    )
                 weights.append(
                     WeightSummary(
                         weight=name,
@@ -474,20 +486,29 @@ def score(
 
 @dataclass(frozen=True)
 class GateFailure:
-    """A module whose (rounded) cosine lies below the gate."""
+    """A module whose (rounded) cosine lies below the gate, or (``cosine`` None) that could
+    not be scored although it has an update and an alignment signal (the gate fails closed)."""
 
     adapter: str
     name: str
-    cosine: float
+    cosine: float | None
+
+    def text(self) -> str:
+        return (
+            f"{self.name} {self.cosine:.5f}"
+            if self.cosine is not None
+            else (f"{self.name} (no cosine: C B A = 0)")
+        )
 
 
 @dataclass(frozen=True)
 class GateResult:
-    """Outcome of ``--fail-below T``: ``failures`` sorted worst (lowest cosine) first."""
+    """Outcome of ``--fail-below T``: ``failures`` sorted worst (unscored, then lowest cosine)
+    first."""
 
     threshold: float
     failures: list[GateFailure]
-    checked: int  # modules with a defined cosine
+    checked: int  # modules with a defined cosine, plus the unscored ones that fail
 
     @property
     def passed(self) -> bool:
@@ -498,9 +519,12 @@ class GateResult:
         head = (
             f"{len(self.failures)} of {self.checked} modules have a cosine below {self.threshold:g}"
         )
+        unscored = sum(1 for f in self.failures if f.cosine is None)
+        if unscored:
+            head += f" or none ({unscored} orthogonal to the alignment subspace)"
         adapters = list(dict.fromkeys(f.adapter for f in self.failures))
         if len(adapters) <= 1:
-            shown = ", ".join(f"{f.name} {f.cosine:.5f}" for f in self.failures[:worst])
+            shown = ", ".join(f.text() for f in self.failures[:worst])
             more = len(self.failures) - worst
             tail = f" (+{more} more)" if more > 0 else ""
             where = f" in {adapters[0]}" if adapters and adapters[0] else ""
@@ -508,7 +532,7 @@ class GateResult:
         per = []
         for a in adapters[:worst]:
             mine = [f for f in self.failures if f.adapter == a]
-            per.append(f"{a}: {mine[0].name} {mine[0].cosine:.5f} ({len(mine)} below)")
+            per.append(f"{a}: {mine[0].text()} ({len(mine)} below)")
         more = len(adapters) - worst
         tail = f" (+{more} more adapters)" if more > 0 else ""
         return f"{head} in {len(adapters)} adapters; lowest: {'; '.join(per)}{tail}"
@@ -516,20 +540,38 @@ class GateResult:
 
 def gate(reports: Sequence[Any], threshold: float) -> GateResult:
     """Which defined cosines lie strictly below ``threshold`` (cosines rounded to 5 decimals,
-    as the selection and the tables use them). Undefined cosines are not gated.
+    as the selection and the tables use them).
+
+    Fails closed: a module without a cosine because ``C B A = 0`` (an update the projector
+    maps to nothing: orthogonal to the alignment subspace, the worst case) fails too. Only the
+    two undefined cases that are facts about the inputs pass: ``B A = 0`` (no update at all)
+    and ``V = 0`` (the alignment did not touch the weight). Modules whose numbers cannot be
+    trusted never reach here: scoring raises an error for them.
     """
+    from safelora_cli.scoring import REASON_ORTHOGONAL
+
     failures: list[GateFailure] = []
     checked = 0
     for rep in reports:
         label = str(getattr(rep, "adapter", ""))
         for m in rep.modules:
             if m.cosine is None:
+                if getattr(m, "reason", None) == REASON_ORTHOGONAL:
+                    checked += 1
+                    failures.append(GateFailure(label, m.name, None))
                 continue
             checked += 1
             c = round_cosine(m.cosine)
-            if c < threshold:
+            if not (c >= threshold):  # NaN fails too
                 failures.append(GateFailure(label, m.name, c))
-    failures.sort(key=lambda f: (f.cosine, natural_key(f.adapter), natural_key(f.name)))
+    failures.sort(
+        key=lambda f: (
+            f.cosine is not None,
+            f.cosine if f.cosine is not None else 0.0,
+            natural_key(f.adapter),
+            natural_key(f.name),
+        )
+    )
     return GateResult(float(threshold), failures, checked)
 
 

@@ -277,6 +277,19 @@ def build_projector(
         # Divide rather than multiply by a reciprocal: 1/norm can overflow for tiny deltas.
         t = torch.mm(v, v.t()) if out is None else torch.mm(v, v.t(), out=out)
         t.div_(norm)
+        # tr(C) = ||V||_F^2 / ||V||_F = ||V||_F. A float32 V V^T under- or overflows for
+        # deltas far from unit scale (entries below ~1e-19 or above ~1e19): then form C in
+        # float64 (rare, and exact to float32 rounding once C itself is representable).
+        trace = float(torch.diagonal(t).sum(dtype=torch.float64))
+        if not (math.isfinite(trace) and abs(trace - norm) <= 1e-3 * norm):
+            v64 = v.to(torch.float64)
+            t = (v64 @ v64.t()).div_(norm).to(torch.float32)
+            if not bool(torch.isfinite(t).all()):
+                raise CheckpointError(
+                    f"{weight}: the projector C = V V^T / ||V||_F does not fit float32 "
+                    f"(||V||_F = {norm:.3g}){_where(sources)}",
+                    hint="the alignment delta is absurdly large; check the checkpoints",
+                )
     else:
         root = math.sqrt(norm)
         t = v.div_(root) if consume else v.div(root)
@@ -297,7 +310,14 @@ def frobenius_norm(v: torch.Tensor) -> float:
     import torch
 
     rows = torch.linalg.vector_norm(v, dim=1)
-    return math.sqrt(float(rows.to(torch.float64).square().sum()))
+    norm = math.sqrt(float(rows.to(torch.float64).square().sum()))
+    if (norm == 0.0 or not math.isfinite(norm)) and v.dtype != torch.float64:
+        # A float32 row norm squares its entries in float32: below ~1e-19 they underflow to 0
+        # (a real delta would read as "V = 0"), above ~1e19 they overflow to inf. Redo those
+        # rare cases in float64, where squares of any float32 value fit.
+        rows = torch.linalg.vector_norm(v, dim=1, dtype=torch.float64)
+        norm = math.sqrt(float(rows.square().sum()))
+    return norm
 
 
 @runtime_checkable

@@ -9,11 +9,50 @@ from __future__ import annotations
 import os
 import sys
 import time
+import unicodedata
 from functools import cache
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from rich.console import Console
+
+
+# Unicode categories that move the cursor, change direction or hide text: controls (C0, DEL,
+# C1), format characters (bidi overrides/isolates, zero-width joiners), line/paragraph
+# separators, lone surrogates (undecodable bytes of a file name) and unassigned/private code
+# points, which a terminal may treat as anything.
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+
+
+@cache
+def _escape_char(ch: str) -> str:
+    o = ord(ch)
+    if o < 0x80 and (o >= 0x20 and o != 0x7F):
+        return ch
+    if o >= 0x80 and unicodedata.category(ch) not in _UNSAFE_CATEGORIES:
+        return ch
+    if o <= 0xFF:
+        return f"\\x{o:02x}"
+    if o <= 0xFFFF:
+        return f"\\u{o:04x}"
+    return f"\\U{o:08x}"
+
+
+def safe_text(text: object) -> str:
+    """``text`` with every character that could drive a terminal escaped as ``\\xNN`` /
+    ``\\uNNNN`` (ESC, BEL, CR, newline, tab, other C0/C1 controls, bidi overrides, zero-width
+    and other format characters, lone surrogates).
+
+    The one place where names from inputs (tensor keys, shard names, metadata, paths, config
+    strings) are made safe to show: every message, table cell and progress line goes through
+    it, so an input cannot move the cursor, recolour or hide text, or forge an ``error:`` line
+    (a newline in a name stays on its line as ``\\x0a``). Printable text, including
+    non-ASCII letters, is unchanged; rich markup is not interpreted anywhere it is used.
+    """
+    s = str(text)
+    if s.isascii() and s.isprintable():
+        return s  # the common case, without a per-character pass
+    return "".join(_escape_char(ch) for ch in s)
 
 
 @cache
@@ -56,19 +95,28 @@ def is_plain(stderr: bool = False) -> bool:
     return not stream.isatty()
 
 
+def say(message: str, *, stderr: bool = True) -> None:
+    """One human line through rich (markup in ``message`` is not interpreted, text is
+    :func:`safe_text`-escaped), long lines kept whole."""
+    from rich.text import Text
+
+    con = err_console() if stderr else out_console()
+    con.print(Text(safe_text(message)), soft_wrap=True)
+
+
 def print_error(lines: list[str]) -> None:
     """Write an error as ``error: <what>`` plus an indented hint line, on stderr."""
     first, *rest = lines
-    sys.stderr.write(f"error: {first}\n")
+    sys.stderr.write(f"error: {safe_text(first)}\n")
     for line in rest:
-        sys.stderr.write(f"  {line}\n")
+        sys.stderr.write(f"  {safe_text(line)}\n")
     sys.stderr.flush()
 
 
 def status(message: str, *, quiet: bool = False) -> None:
     """One human line on stderr, unless ``quiet``."""
     if not quiet:
-        sys.stderr.write(message + "\n")
+        sys.stderr.write(safe_text(message) + "\n")
         sys.stderr.flush()
 
 
@@ -91,6 +139,7 @@ class RichProgress:
         self._bytes = 0
         if not self.enabled:
             return
+        from rich.markup import escape as markup_escape
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -109,7 +158,7 @@ class RichProgress:
             transient=True,
         )
         self._bar.start()
-        self._task = self._bar.add_task(description, total=total, rate="")
+        self._task = self._bar.add_task(markup_escape(safe_text(description)), total=total, rate="")
 
     def advance(self, units: int = 1, nbytes: int = 0) -> None:
         self._bytes += nbytes

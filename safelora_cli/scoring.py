@@ -72,8 +72,50 @@ REASON_ABOVE = "cosine {cos:.5f} is above the threshold {t:.5f}"
 REASON_NONE_SELECTED = "no module selected"
 
 
+def pow2_exponent(t: torch.Tensor) -> int | None:
+    """``e`` with ``max|t| = f * 2**e``, ``0.5 <= f < 1`` (None when ``t`` is all zero).
+
+    Dividing by ``2**e`` is exact (a power of two), so a product of scaled tensors is the
+    product of the originals times a power of two, bit for bit, as long as nothing overflows or
+    underflows: which is why inputs are scaled this way before the r x r products.
+    """
+    if t.numel() == 0:
+        return None
+    m = float(t.abs().max())
+    if m == 0.0:
+        return None
+    return math.frexp(m)[1]
+
+
+def scale_pow2(t: torch.Tensor, e: int) -> torch.Tensor:
+    """``t * 2**e`` (float64), in two steps so that neither factor over/underflows."""
+    e1 = e // 2
+    return t * (2.0**e1) * (2.0 ** (e - e1))
+
+
+def _normalised(t: torch.Tensor) -> tuple[torch.Tensor, int | None]:
+    """``(t / 2**e, e)`` as float64 with max-abs in [0.5, 1); ``(t, None)`` when ``t == 0``."""
+    import torch
+
+    t64 = t.to(dtype=torch.float64)
+    e = pow2_exponent(t64)
+    return (t64, None) if e is None else (scale_pow2(t64, -e), e)
+
+
+def _ldexp(x: float, e: int) -> float:
+    """``x * 2**e`` as a float, ``inf`` (with x's sign) when it does not fit float64."""
+    try:
+        return math.ldexp(x, e)
+    except OverflowError:
+        return math.copysign(math.inf, x)
+
+
 def _traces(cb: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> tuple[float, float, float]:
-    """``(<XA, BA>, ||XA||^2, ||BA||^2)`` in float64 from r x r products only."""
+    """``(<XA, BA>, ||XA||^2, ||BA||^2)`` in float64 from r x r products only.
+
+    Callers pass max-abs-normalised tensors (:func:`_normalised`): then every entry is below 1
+    in magnitude and no product overflows, whatever the stored magnitudes were.
+    """
     import torch
 
     x = cb.to(dtype=torch.float64)
@@ -91,27 +133,47 @@ def _traces(cb: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> tuple[float, 
     return inner, nx, nb
 
 
+# ||B A||^2 of the normalised factors below this fraction of (sum_k ||b_k|| ||a_k||)^2 is
+# cancellation: the trace's own rounding (~1e-16 of that bound) is then a visible part of the
+# value, so the update is neither reliably zero nor reliably scored. Real adapters sit near 1/r.
+RELIABLE_NB = 1e-12
+
+
 def cosine_from_traces(cb: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> float | None:
     """Cosine of ``C B A`` and ``B A`` (Frobenius), or None when either is zero.
 
     ``cb`` = C @ B [d_out, r], ``b`` = B [d_out, r], ``a`` = A [r, d_in]; float64 throughout.
+    Each input is first scaled by a power of two to max-abs ~1 (the cosine does not change, bit
+    for bit), so stored magnitudes near the ends of the float range neither overflow nor
+    underflow the products.
     """
-    inner, nx, nb = _traces(cb, b, a)
+    xn, ex = _normalised(cb)
+    bn, eb = _normalised(b)
+    an, ea = _normalised(a)
+    if ex is None or eb is None or ea is None:
+        return None
+    inner, nx, nb = _traces(xn, bn, an)
     # Rounding can leave a true zero as a tiny negative trace; anything <= 0 is zero.
     if not (nx > 0.0 and nb > 0.0):
         return None
     cos = inner / (math.sqrt(nx) * math.sqrt(nb))
+    if not math.isfinite(cos):
+        return None
     return max(-1.0, min(1.0, cos))
 
 
 def lora_norm(b: torch.Tensor, a: torch.Tensor, scale: float) -> float:
-    """``||scale * B A||_F`` via ``tr(B^T B A A^T)`` in float64 (no d_out x d_in product)."""
-    import torch
+    """``||scale * B A||_F`` via ``tr(B^T B A A^T)`` in float64 (no d_out x d_in product).
 
-    b64 = b.to(dtype=torch.float64)
-    a64 = a.to(device=b64.device, dtype=torch.float64)
-    nb = float(((b64.T @ b64) * (a64 @ a64.T)).sum())
-    return abs(scale) * math.sqrt(max(nb, 0.0))
+    Scale-safe: B and A are normalised by powers of two first; ``inf`` only when the norm
+    itself exceeds the float64 range.
+    """
+    bn, eb = _normalised(b)
+    an, ea = _normalised(a.to(device=bn.device))
+    if eb is None or ea is None:
+        return 0.0
+    nb = float(((bn.T @ bn) * (an @ an.T)).sum())
+    return _ldexp(abs(scale) * math.sqrt(max(nb, 0.0)), eb + ea)
 
 
 def pdst(dists: Iterable[float]) -> float | None:
@@ -248,6 +310,7 @@ class _Pending:
     dist_keep: float  # ||B - C B||_F
     dist_proj: float  # ||cast(C B) - C B||_F
     degenerate: str | None  # reason when the cosine is undefined
+    unfit: str | None = None  # why C B cannot be written in B's dtype (None: it fits)
 
 
 def _default_weight(module: LoraModule) -> str:
@@ -267,40 +330,137 @@ def _check_shape(adapter: Adapter, m: LoraModule, weight: str, proj: Any) -> Non
         )
 
 
-def _score_module(adapter: Adapter, m: LoraModule, weight: str, proj: Any) -> _Pending:
+def _vector_norm_pow2(t: torch.Tensor, e: int) -> float:
+    """``||t * 2**e||_F`` for a normalised ``t``, without overflowing on the way."""
     import torch
 
+    return _ldexp(float(torch.linalg.vector_norm(t)), e)
+
+
+def _file(adapter: Adapter) -> Path:
+    """The adapter's weights file (its directory for adapters built without one)."""
+    return Path(getattr(adapter, "weights_path", adapter.path))
+
+
+def _unreliable(adapter: Adapter, m: LoraModule, what: str) -> AdapterError:
+    return AdapterError(
+        f"adapter {_file(adapter)}: module {m.name}: {what}; its cosine cannot be "
+        "computed reliably",
+        hint="The adapter's lora_A/lora_B values are degenerate or crafted; retrain or re-save "
+        "it (nothing was written).",
+        path=_file(adapter),
+    )
+
+
+def _fit_problem(cast: torch.Tensor, x: torch.Tensor, dtype: str) -> str | None:
+    """Why ``cast`` (= ``x`` in the adapter's dtype) cannot be written, or None when it fits."""
+    import torch
+
+    if not bool(torch.isfinite(cast).all()):
+        big = float(x.abs().max()) if bool(torch.isfinite(x).all()) else math.inf
+        limit = torch.finfo(cast.dtype).max
+        return f"max |C B| = {big:.4g} does not fit {dtype} (largest finite value {limit:.6g})"
+    return None
+
+
+def _score_module(adapter: Adapter, m: LoraModule, weight: str, proj: Any) -> _Pending:
+    """One module's cosine, ||dW||, C B (cast) and Pdst terms, all scale-safe (float64).
+
+    A and B are normalised by powers of two before any product (:func:`_normalised`), so
+    stored magnitudes anywhere in the float range give the same cosine as the same update at
+    ordinary scale (bit for bit when nothing over/underflows). Fails closed: a non-finite
+    projector or ``||V||_F`` (corrupt cache) is a CacheError, a cancelling ``B A`` or an update
+    too large for float64 an AdapterError, never a silent "untrained" or a NaN cosine.
+    """
+    import torch
+
+    from safelora_cli.errors import CacheError
     from safelora_cli.reader import torch_dtype
 
     _check_shape(adapter, m, weight, proj)
-    b = adapter.load_b(m, dtype=torch.float64)
-    a = adapter.load_a(m, dtype=torch.float64)
-    x = proj.apply(b).to(device="cpu", dtype=torch.float64)
-    inner, nx, nb = _traces(x, b, a)
+    norm_v = float(getattr(proj, "norm_v", 0.0))
+    if not (math.isfinite(norm_v) and norm_v >= 0.0):
+        raise CacheError(
+            f"the projector of {weight} records ||V||_F = {norm_v!r} (module {m.name} of "
+            f"{_file(adapter)})",
+            hint="The cache is corrupt: rebuild it with safelora compute-projections.",
+        )
+    b64 = adapter.load_b(m, dtype=torch.float64)
+    a64 = adapter.load_a(m, dtype=torch.float64)
+    bn, eb = _normalised(b64)
+    an, ea = _normalised(a64)
+    xn = proj.apply(bn).to(device="cpu", dtype=torch.float64)  # C (B / 2**eb)
+    if not bool(torch.isfinite(xn).all()):
+        raise CacheError(
+            f"the projector of {weight} contains NaN or Inf (C B is not finite for module "
+            f"{m.name} of {_file(adapter)})",
+            hint="The cache entry or the checkpoints are corrupt: rebuild the cache with "
+            "safelora compute-projections.",
+        )
     cos = None
     degenerate = None
-    if not nb > 0.0:
-        degenerate = REASON_UNTRAINED
-    elif getattr(proj, "degenerate", False) or not nx > 0.0:
-        degenerate = (
-            REASON_NO_SIGNAL.format(weight=weight)
-            if getattr(proj, "degenerate", False) or not torch.any(x != 0)
-            else REASON_ORTHOGONAL
-        )
+    norm_dw = 0.0
+    if eb is None or ea is None:
+        degenerate = REASON_UNTRAINED  # B == 0 or A == 0 exactly: no update at all
     else:
-        cos = max(-1.0, min(1.0, inner / (math.sqrt(nx) * math.sqrt(nb))))
-    norm_dw = abs(m.scale) * math.sqrt(max(nb, 0.0))
+        xs, ex = _normalised(xn)
+        inner, nx, nb = _traces(xs if ex is not None else xn, bn, an)
+        # Rounding in tr(B^T B A A^T) is bounded by eps (sum_k ||b_k|| ||a_k||)^2; compare
+        # ||B A||^2 with that, not with ||B||^2 ||A||^2 (a zero column of B weighs nothing).
+        bound = (
+            float((torch.linalg.vector_norm(bn, dim=0) * torch.linalg.vector_norm(an, dim=1)).sum())
+            ** 2
+        )
+        norm_dw = _ldexp(abs(m.scale) * math.sqrt(max(nb, 0.0)), eb + ea)
+        if not math.isfinite(norm_dw):
+            raise _unreliable(adapter, m, "||s B A||_F exceeds the float64 range")
+        if getattr(proj, "degenerate", False):
+            degenerate = REASON_NO_SIGNAL.format(weight=weight)
+        elif not nb > RELIABLE_NB * bound:
+            rel = math.sqrt(max(nb, 0.0) / bound) if bound > 0 else 0.0
+            raise _unreliable(
+                adapter,
+                m,
+                f"B A cancels or underflows to {rel:.2g} of sum_k ||b_k|| ||a_k|| (entries far "
+                "apart in magnitude?)",
+            )
+        else:
+            tensor = getattr(proj, "tensor", None)
+            eps = torch.finfo(tensor.dtype).eps if tensor is not None else 2.0**-52
+            # ||C B|| <= ||C||_2 ||B|| <= tr(C) ||B|| = ||V||_F ||B||: below the projector's own
+            # precision of that bound C B is rounding noise, i.e. zero.
+            if (
+                ex is None
+                or not float(torch.linalg.vector_norm(xn))
+                > eps * norm_v * math.sqrt(float((bn * bn).sum()))
+                or not nx > 0.0
+            ):
+                degenerate = REASON_ORTHOGONAL
+            else:
+                cos = inner / (math.sqrt(nx) * math.sqrt(nb))
+                if not math.isfinite(cos):
+                    raise _unreliable(adapter, m, "the cosine is not a finite number")
+                cos = max(-1.0, min(1.0, cos))
+    e = eb if eb is not None else 0
+    x = scale_pow2(xn, e) if e else xn  # C B at the stored scale (inf where it overflows)
     cast = x.to(torch_dtype(m.dtype)).contiguous()
+    unfit = _fit_problem(cast, x, m.dtype)
+    dist_keep = _vector_norm_pow2(bn - xn, e)
+    if unfit is None and bool(torch.isfinite(x).all()):
+        dist_proj = float(torch.linalg.vector_norm(cast.to(torch.float64) - x))
+    else:
+        dist_proj = math.inf
     return _Pending(
         module=m,
         weight=weight,
         cosine=cos,
         norm_dw=norm_dw,
-        norm_v=float(getattr(proj, "norm_v", float("nan"))),
+        norm_v=norm_v,
         projected_b=cast,
-        dist_keep=float(torch.linalg.vector_norm(b - x)),
-        dist_proj=float(torch.linalg.vector_norm(cast.to(torch.float64) - x)),
+        dist_keep=dist_keep,
+        dist_proj=dist_proj,
         degenerate=degenerate,
+        unfit=unfit,
     )
 
 
@@ -341,6 +501,14 @@ def _report(
         if chosen:
             reason = None
             assert p.projected_b is not None
+            if p.unfit is not None:
+                raise AdapterError(
+                    f"adapter {_file(adapter)}: module {m.name}: the projected lora_B "
+                    f"({m.key_b}): {p.unfit}",
+                    hint=f"Nothing was written. Save the adapter in a wider dtype (float32) and "
+                    f"patch that, or leave {m.name} unprojected (a higher threshold).",
+                    path=_file(adapter),
+                )
             tensors[m.key_b] = p.projected_b
         elif p.degenerate is not None:
             reason = p.degenerate

@@ -79,6 +79,8 @@ def _emit_table(
     styles: Sequence[Sequence[str | None]] | None = None,
 ) -> None:
     """Print a table on stdout: plain text off a terminal, a rich table on one."""
+    # Names come from the inputs: escape control characters before measuring widths.
+    groups = [[[render.safe_text(cell) for cell in row] for row in group] for group in groups]
     if render.is_plain():
         for ln in _plain_table(cols, groups):
             sys.stdout.write(ln + "\n")
@@ -116,7 +118,7 @@ def _emit_table(
 
 def _emit_lines(lines: Sequence[str]) -> None:
     for ln in lines:
-        sys.stdout.write(ln + "\n")
+        sys.stdout.write(render.safe_text(ln) + "\n")
     sys.stdout.flush()
 
 
@@ -519,7 +521,7 @@ def command(
         progress=render.RichProgress(quiet=quiet),
     )
     if json_out:
-        _emit_lines([json.dumps(r.to_json()) for r in reports])
+        _emit_lines([json.dumps(r.to_json(), allow_nan=False) for r in reports])
     else:
         _render_reports(reports, sort_key, top)
     if fail_below is not None:
@@ -537,7 +539,7 @@ def _inspect_cache(projections: Any, *, json_out: bool, quiet: bool) -> None:
 
     summary = summarize_cache(projections, progress=render.RichProgress(quiet=quiet))
     if json_out:
-        _emit_lines([json.dumps(summary.to_json())])
+        _emit_lines([json.dumps(summary.to_json(), allow_nan=False)])
     else:
         _render_cache(summary)
 
@@ -547,7 +549,7 @@ def _inspect_adapters_alone(adapters: Sequence[str], *, json_out: bool) -> None:
 
     summaries = [summarize_adapter(a) for a in adapters]
     if json_out:
-        _emit_lines([json.dumps(s.to_json()) for s in summaries])
+        _emit_lines([json.dumps(s.to_json(), allow_nan=False) for s in summaries])
         return
     for i, s in enumerate(summaries):
         if i:

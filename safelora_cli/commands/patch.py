@@ -105,12 +105,14 @@ def _summary(reports: list) -> None:
     """A few human lines per adapter on stderr: projected N of M, Pdst, lowest cosines, where."""
     from rich.markup import escape
 
-    from safelora_cli.render import err_console
+    from safelora_cli.render import err_console, safe_text
 
     con = err_console()
 
     def say(line: str) -> None:
-        con.print(line, soft_wrap=True)  # long paths stay on one line
+        # Names are markup-escaped where they are inserted; safe_text then escapes control
+        # characters (it never adds a "[", so the markup stays as written).
+        con.print(safe_text(line), soft_wrap=True)  # long paths stay on one line
 
     for rep in reports:
         sel = rep.selection.to_json()
