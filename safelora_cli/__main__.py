@@ -25,6 +25,14 @@ def main() -> None:
         except (OSError, ValueError):
             pass
         sys.exit(interrupts.exit_code(exc))
+    finally:
+        # A signal whose exception something swallowed (an "Exception ignored" callback) still
+        # ends the run as that signal: never exit 0 after a SIGTERM.
+        signum = interrupts.pending()
+        if signum is not None:
+            sys.stderr.write(f"error: {interrupts.Interrupted(signum).line()}\n")
+            sys.stderr.flush()
+            sys.exit(128 + signum)
 
 
 if __name__ == "__main__":

@@ -396,21 +396,28 @@ def _config_error(path: Path, what: str, hint: str) -> AdapterError:
 def read_config(directory: Path) -> dict:
     """``adapter_config.json`` of ``directory``, checked to be a usable LoRA config."""
     p = directory / CONFIG_NAME
+    _refuse_special(p)
     if not p.is_file():
         raise AdapterError(
             f"adapter: no {CONFIG_NAME} in {directory}",
             hint="pass a PEFT adapter directory (as written by save_pretrained)",
             path=directory,
         )
+    from safelora_cli.fsio import read_regular
     from safelora_cli.reader import MAX_JSON_BYTES
 
     try:
         size = p.stat().st_size
         if size > MAX_JSON_BYTES:
             raise _config_error(p, f"is {size} bytes, too large for a config", "restore the file")
-        cfg = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise _config_error(p, f"cannot be read as JSON ({e})", "restore the file") from None
+        # Non-blocking, regular files only (a FIFO swapped in meanwhile is refused, not read).
+        cfg = json.loads(read_regular(p, MAX_JSON_BYTES).decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        from safelora_cli.fsio import emfile_hint
+
+        raise _config_error(
+            p, f"cannot be read as JSON ({e})", emfile_hint(e) or "restore the file"
+        ) from None
     if not isinstance(cfg, dict):
         raise _config_error(p, "is not a JSON object", "restore the file")
     peft_type = cfg.get("peft_type")
@@ -471,12 +478,18 @@ def _open_weights(directory: Path) -> tuple[Path, CheckpointReader | None, _BinT
     from safelora_cli.reader import CheckpointReader
 
     st = directory / SAFETENSORS_NAME
+    _refuse_special(st)
     if st.is_file():
         try:
-            return st, CheckpointReader.open(st, label="adapter"), None
+            reader = CheckpointReader.open(st, label="adapter")
         except CheckpointError as e:
             raise AdapterError(e.message, hint=e.hint, path=st) from None
+        # No handle is kept between reads: a run over thousands of adapters holds at most one
+        # adapter file open at a time (issue 15, scale), not one per adapter.
+        reader.max_open = 0
+        return st, reader, None
     b = directory / BIN_NAME
+    _refuse_special(b)
     if b.is_file():
         return b, None, _BinTensors(_load_bin(b))
     raise AdapterError(
@@ -484,6 +497,27 @@ def _open_weights(directory: Path) -> tuple[Path, CheckpointReader | None, _BinT
         hint="the adapter directory lacks its weights; download or save it again",
         path=directory,
     )
+
+
+def _refuse_special(p: Path) -> None:
+    """AdapterError when ``p`` exists but (links followed) is a FIFO, socket or device.
+
+    By ``stat`` alone: nothing is opened, so a FIFO named like an adapter file never blocks.
+    """
+    import stat
+
+    from safelora_cli.fsio import kind_of
+
+    try:
+        mode = p.stat().st_mode
+    except OSError:
+        return  # absent (or a broken link): the caller's "no such file" message applies
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise AdapterError(
+            f"adapter: {p} is {kind_of(mode)}, not a regular file",
+            hint="replace it by the file itself (as written by save_pretrained)",
+            path=p,
+        )
 
 
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:

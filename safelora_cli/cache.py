@@ -15,7 +15,12 @@ Format: see ``docs/cache-format.md`` (DESIGN §5). Contract used by patch, inspe
   times) or its dtype differ; when they match but the local files are not the very ones
   recorded, every entry's ``source_sha256`` (the source tensors' digests) is checked against
   ``readers`` first, so a byte-identical copy is accepted and other values are not. A non-empty
-  directory that is not a cache is refused. One writer at a time (``flock`` on the directory).
+  directory that is not a cache is refused. One writer at a time: an exclusive ``flock`` on
+  ``.<name>.safelora-lock`` beside the cache (the directory itself when its parent is
+  read-only), taken before the manifest is read or the directory created; a second writer gets
+  a CacheError naming the holder. The new directory is renamed into place without replacing
+  anything; every file is written under a fresh ``O_EXCL|O_NOFOLLOW`` temporary name, so a
+  symlink planted in the cache is never written through.
 - ``sources`` (``{"base": ..., "aligned": ...}``: ``SourceSpec.to_json()``), ``dtype``
   (safetensors code), ``complete``, ``weights()`` (natural order), ``has(weight)``,
   ``entry(weight) -> CacheEntry``, ``size_bytes()``.
@@ -52,14 +57,14 @@ import json
 import math
 import os
 import re
+import secrets
 import shlex
-import shutil
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from safelora_cli import __version__
+from safelora_cli import __version__, fsio
 from safelora_cli.errors import CacheError, CheckpointError
 from safelora_cli.fsio import fsync_dir
 from safelora_cli.naming import natural_key, natural_sorted
@@ -189,6 +194,45 @@ def _entry_from_json(weight: Any, d: Any, root: Path) -> CacheEntry:
     return CacheEntry(weight, file, kind, d_out, d_in, dtype, float(norm_v), fifo, shape, sha)
 
 
+def entry_mismatch(e: CacheEntry, r: CheckpointReader) -> str | None:
+    """Why the entry file open in ``r`` is not the entry ``e`` the manifest names, or None.
+
+    The file must hold exactly one tensor, named ``e.weight``, with the manifest's shape and
+    dtype, and its own metadata (written by :meth:`ProjectionCache.put`) must agree on the
+    weight, projector kind, representation, orientation (``fan_in_fan_out``) and ``norm_v``:
+    an entry file swapped, copied from another weight or another cache, or edited, is caught
+    before it is used.
+    """
+    names = r.names()
+    if names != [e.weight]:
+        shown = ", ".join(repr(n) for n in names[:3]) or "no tensor"
+        return f"the file holds {shown}, not {e.weight!r}"
+    ti = r.info(e.weight)
+    if ti.shape != e.shape or ti.dtype != e.dtype:
+        return (
+            f"it is stored as {ti.dtype} {list(ti.shape)} but the manifest says "
+            f"{e.dtype} {list(e.shape)}"
+        )
+    meta = r.metadata()
+    want = {
+        "safelora.weight": e.weight,
+        "safelora.projector": PROJECTOR_KIND,
+        "safelora.representation": e.kind,
+        "safelora.fan_in_fan_out": "true" if e.fan_in_fan_out else "false",
+    }
+    for k, v in want.items():
+        if meta.get(k) != v:
+            return f"its metadata has {k}={meta.get(k)!r}, the manifest {v!r}"
+    try:
+        norm_v = float(meta.get("safelora.norm_v", "nan"))
+    except ValueError:
+        norm_v = math.nan
+    if norm_v != e.norm_v:
+        got = meta.get("safelora.norm_v")
+        return f"its metadata has safelora.norm_v={got!r}, the manifest {e.norm_v!r}"
+    return None
+
+
 def _dumps(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n").encode()
 
@@ -207,10 +251,13 @@ def _write_atomic(
     also drops entries whose file did not survive). ``written`` is called once every chunk is
     in the kernel's hands, before the fsync (the chunks' memory may be reused from then on).
     """
-    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}")
+    # A fresh name, created O_EXCL|O_NOFOLLOW: a symlink planted at a temporary (or any other)
+    # name in the cache is never written through; the rename then replaces a planted link at
+    # ``path`` itself rather than following it.
+    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}.{os.getpid()}-{secrets.token_hex(4)}")
     n = 0
     try:
-        with open(tmp, "wb") as fh:
+        with os.fdopen(fsio.create_new(tmp), "wb") as fh:
             for c in chunks:
                 fh.write(c)
                 n += len(c) if isinstance(c, bytes) else c.nbytes
@@ -255,35 +302,13 @@ def _make_parents(p: Path) -> None:
     p.parent.mkdir(parents=True, exist_ok=True)
 
 
-def _host() -> str:
-    """This machine's name, safe in a file name."""
-    import socket
-
-    return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname() or "host")[:64]
-
-
 def _clean_stale_tmp(p: Path) -> None:
-    """Remove ``.tmp-<name>-<host>-<pid>`` siblings that killed runs left while creating ``p``.
-
-    Only this host's, and only those whose process is gone (a live run, here or on another
-    machine sharing the file system, may be creating it right now); they hold nothing but an
-    in-progress manifest with no entries.
-    """
-    prefix = f"{_TMP_PREFIX}{p.name}-{_host()}-"
-    with contextlib.suppress(OSError):
-        for q in p.parent.iterdir():
-            pid = q.name[len(prefix) :]
-            if not q.name.startswith(prefix) or not pid.isdigit() or q.is_symlink():
-                continue
-            try:
-                os.kill(int(pid), 0)
-                continue  # alive (or someone else's): not ours to remove
-            except ProcessLookupError:
-                pass
-            except OSError:
-                continue
-            if q.is_dir():
-                shutil.rmtree(q, ignore_errors=True)
+    """Remove the temporary siblings (``.<name>.safelora-tmp-<host>-<pid>-*``) that killed
+    runs of this host left while creating ``p``; a live run's, another machine's and
+    symlinks are left alone (the same rule as the output writer's, :mod:`safelora_cli.fsio`).
+    They hold nothing but an in-progress manifest with no entries."""
+    for q in fsio.stale_beside(p, fsio.TMP_TAG):
+        fsio.rmtree_own(q)
 
 
 def _safetensors_chunks(
@@ -483,7 +508,7 @@ class ProjectionCache:
         writable: bool,
         device: str | torch.device = "cpu",
         adapters: Sequence[str] = (),
-        lock_fd: int | None = None,
+        lock_fd: fsio.BesideLock | None = None,
     ):
         self.path = path
         self._manifest = manifest
@@ -509,6 +534,8 @@ class ProjectionCache:
                 path=path,
             )
         mp = path / MANIFEST
+        if path.is_dir() and mp.exists() and not mp.is_file():
+            raise _corrupt(mp, f"{MANIFEST} is {fsio.kind_of(mp.stat().st_mode)}, not a file")
         if not path.is_dir() or not mp.is_file():
             raise CacheError(
                 f"{path} is not a projection cache (no {MANIFEST})",
@@ -520,7 +547,7 @@ class ProjectionCache:
             if size > MAX_JSON_BYTES:
                 # Read whole below; a real manifest is kilobytes (bounded before allocating).
                 raise _corrupt(mp, f"{MANIFEST} is {size} bytes, more than {MAX_JSON_BYTES}")
-            m = json.loads(mp.read_text(encoding="utf-8"))
+            m = json.loads(fsio.read_regular(mp, MAX_JSON_BYTES).decode("utf-8"))
         except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
             raise _corrupt(mp, f"{MANIFEST} is unreadable ({e})") from None
         if not isinstance(m, dict) or m.get("format") != FORMAT_NAME:
@@ -609,22 +636,43 @@ class ProjectionCache:
                 hint="pass a new or existing cache directory to -o",
                 path=p,
             )
+        # The lock first: everything below (reading the manifest, creating the directory) is
+        # then one writer's at a time.
+        _make_parents(p)
+        lock = cls._lock(p)
+        try:
+            return cls._create_or_resume(
+                p, lock, code, sources, prints, device, (base, aligned), readers
+            )
+        except BaseException:
+            lock.release()
+            raise
+
+    @classmethod
+    def _create_or_resume(
+        cls,
+        p: Path,
+        lock: fsio.BesideLock,
+        code: str,
+        sources: dict[str, Any],
+        prints: dict[str, Any],
+        device: str | torch.device,
+        specs: tuple[Any, Any],
+        readers: Sequence[CheckpointReader] | None,
+    ) -> ProjectionCache:
         if p.is_dir() and (p / MANIFEST).exists():
             m, entries = cls._load(p)
-            check = _source_checks(p, m, base, aligned)  # refuses other models, in words
+            check = _source_checks(p, m, *specs)  # refuses other models, in words
             if m["dtype"] != code:
                 raise CacheError(
                     f"projection cache {p} stores {m['dtype']}, not the requested {code}",
                     hint="use a new -o directory for another dtype",
                     path=p,
                 )
-            lock = cls._lock(p)
             cache = cls(p, m, entries, writable=True, device=device, lock_fd=lock)
-            try:
-                cache._verify_sources(check, readers)  # a copy: its tensors' digests
-            except BaseException:
-                cache.close()
-                raise
+            # A copy of the models: its tensors against the entries' digests (on failure the
+            # caller releases the lock).
+            cache._verify_sources(check, readers)
             # Refresh provenance fields that are not part of the fingerprint (e.g. the path
             # spelling); what must match already did.
             cache._manifest["sources"] = sources
@@ -647,44 +695,56 @@ class ProjectionCache:
             "fingerprints": prints,
             "weights": {},
         }
-        # Built in a temporary sibling and renamed, so the directory appears with its
-        # in-progress manifest already in place.
-        _make_parents(p)
+        # Built in a temporary sibling and renamed (never over anything: an empty directory
+        # the user made is removed first; one that appears meanwhile is left alone), so the
+        # directory appears with its in-progress manifest already in place.
         _clean_stale_tmp(p)
-        tmp = p.with_name(f"{_TMP_PREFIX}{p.name}-{_host()}-{os.getpid()}")
+        tmp: Path | None = None
         try:
-            tmp.mkdir()
+            tmp = fsio.mkdir_beside(p, fsio.TMP_TAG)
             _write_atomic(tmp / MANIFEST, [_dumps(manifest)])
-            if p.is_dir():
+            if p.is_dir() and not p.is_symlink():
                 p.rmdir()
-            os.replace(tmp, p)
+            try:
+                fsio.rename_noreplace(tmp, p)
+            except FileExistsError:
+                raise CacheError(
+                    f"cache path {p} appeared while this run was creating the cache; it was "
+                    "left as it is",
+                    hint="pass a new directory to -o, or run again to use it if it is a cache",
+                    path=p,
+                ) from None
         except BaseException:
-            with contextlib.suppress(OSError):
-                (tmp / MANIFEST).unlink()
-                tmp.rmdir()
+            fsio.rmtree_own(tmp)
             raise
         fsync_dir(p.parent)
-        cache = cls(p, manifest, {}, writable=True, device=device, lock_fd=cls._lock(p))
+        cache = cls(p, manifest, {}, writable=True, device=device, lock_fd=lock)
         cache.created = True
         return cache
 
     @staticmethod
-    def _lock(p: Path) -> int | None:
+    def _lock(p: Path) -> fsio.BesideLock:
+        """The one-writer lock: ``.<name>.safelora-lock`` beside the cache (so it covers the
+        cache's creation too), or the directory itself when its parent is read-only."""
         try:
-            import fcntl
-        except ImportError:  # pragma: no cover - non-POSIX
-            return None
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
+            try:
+                return fsio.lock_beside(p)
+            except (PermissionError, fsio.NotRegularFile) as e:
+                if p.is_dir():
+                    return fsio.lock_dir(p)
+                raise CacheError(
+                    f"cache path {p}: cannot create its lock file {fsio.lock_path(p)} "
+                    f"({e.strerror or e})",
+                    hint="choose an -o in a directory you can write to",
+                    path=p,
+                ) from None
+        except fsio.LockBusy as e:
             raise CacheError(
-                f"projection cache {p} is being written by another safelora process",
+                f"projection cache {p} is being written by another safelora process"
+                + (f" ({e.holder})" if e.holder else ""),
                 hint="wait for it to finish, or use another -o directory",
                 path=p,
             ) from None
-        return fd
 
     @classmethod
     def worker(cls, path: str | Path, manifest: dict[str, Any], *, rank: int) -> ProjectionCache:
@@ -809,8 +869,7 @@ class ProjectionCache:
         f = self.path / e.file
         try:
             with CheckpointReader.from_files([f], label="cache", root=self.path) as r:
-                ti = r.info(e.weight)
-                return ti.shape == e.shape and ti.dtype == e.dtype
+                return entry_mismatch(e, r) is None
         except CheckpointError:
             return False
 
@@ -917,13 +976,9 @@ class ProjectionCache:
         f = self.path / e.file
         try:
             with CheckpointReader.from_files([f], label="cache", root=self.path) as r:
-                ti = r.info(weight)
-                if ti.shape != e.shape or ti.dtype != e.dtype:
-                    raise _corrupt(
-                        f,
-                        f"{weight} is stored as {ti.dtype} {list(ti.shape)} but the manifest "
-                        f"says {e.dtype} {list(e.shape)}",
-                    )
+                why = entry_mismatch(e, r)
+                if why is not None:
+                    raise _corrupt(f, f"entry {weight} does not match the manifest: {why}")
                 t = r.load(weight, device=self.device)
                 self.bytes_read += r.bytes_read
         except CheckpointError as err:
@@ -1031,8 +1086,7 @@ class ProjectionCache:
     def close(self) -> None:
         """Release the writer lock (a read-only cache holds nothing open)."""
         if self._lock_fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(self._lock_fd)
+            self._lock_fd.release()  # unlinks the lock file, then closes it
             self._lock_fd = None
 
     def __enter__(self) -> ProjectionCache:

@@ -44,6 +44,7 @@ def cli_errors(fn: F) -> F:
         from safelora_cli.render import print_error, reset_consoles
 
         reset_consoles()
+        interrupts.running()
         try:
             return fn(*args, **kwargs)
         except typer.Exit:

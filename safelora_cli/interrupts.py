@@ -40,13 +40,43 @@ class Interrupted(BaseException):
 
 
 _fired: list[int] = []
+_running: list[bool] = []  # set once a command's body runs (there is something to clean up)
+_reported: list[bool] = []
 
 
 def _handler(signum: int, frame: FrameType | None) -> None:
     if _fired:
         return  # already stopping: let the clean-up of the first signal finish
     _fired.append(signum)
+    if not _running:
+        # Start-up (imports, argument parsing): nothing to clean up yet, and an exception
+        # raised here can land in an import-machinery callback that only prints "Exception
+        # ignored" and carries on. Leave at once.
+        _report_and_exit(signum)
     raise Interrupted(signum)
+
+
+def _report_and_exit(signum: int) -> None:
+    import os
+    import sys
+
+    try:
+        sys.stderr.write(f"error: {Interrupted(signum).line()}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+    os._exit(128 + signum)
+
+
+def running() -> None:
+    """A command's body starts: from now on a signal raises :class:`Interrupted` so the
+    clean-up runs (before, it exits at once)."""
+    _running.append(True)
+
+
+def pending() -> int | None:
+    """The signal received but never reported (its exception was swallowed), else None."""
+    return _fired[0] if _fired and not _reported else None
 
 
 def install() -> None:
@@ -66,6 +96,7 @@ def install() -> None:
 
 def exit_code(exc: BaseException) -> int:
     """The exit status for an interruption: ``128 + signum``, 130 for a plain Ctrl-C."""
+    _reported.append(True)
     return exc.exit_code if isinstance(exc, Interrupted) else 130
 
 

@@ -17,7 +17,10 @@ The cost is one copy from the page cache, which mmap would also pay on first tou
 reuses a few, see :mod:`safelora_cli.buffers`).
 
 Byte order: safetensors data is little-endian; on a big-endian host :meth:`load` byte-swaps.
-File handles: at most :data:`MAX_OPEN_FILES` shard files are open at once (LRU).
+File handles: at most :attr:`CheckpointReader.max_open` (default :data:`MAX_OPEN_FILES`) files
+are open at once (LRU; 0: none between reads). A file re-opened for its data must be the one
+whose header was read (device, inode, size, mtime), else CheckpointError. Non-regular files
+(FIFOs, devices) are refused without blocking or reading.
 Thread safety: one lock guards handle bookkeeping and reads, so a reader may be shared between
 a prefetch thread and the main thread.
 """
@@ -36,6 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from safelora_cli.errors import CheckpointError
+from safelora_cli.fsio import EMFILE_HINT, NotRegularFile, emfile_hint, kind_of, open_regular
 from safelora_cli.naming import natural_sorted
 
 if TYPE_CHECKING:
@@ -209,6 +213,9 @@ class FileHeader:
     size: int
     tensors: dict[str, TensorInfo]
     metadata: dict[str, str]
+    # (st_dev, st_ino, st_size, st_mtime_ns) when the header was read: a file re-opened later
+    # for its data must still be this one (see CheckpointReader: handles are not kept).
+    ident: tuple[int, int, int, int] | None = None
 
 
 def _is_int(x: Any) -> bool:
@@ -251,8 +258,10 @@ def read_header(path: str | Path, *, label: str = "checkpoint") -> FileHeader:
     """
     path = Path(path)
     try:
-        with open(path, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
+        # Non-blocking open + fstat: a FIFO named *.safetensors is refused, never read.
+        with os.fdopen(open_regular(path), "rb") as fh:
+            st = os.fstat(fh.fileno())
+            size = st.st_size
             raw_len = fh.read(8)
             if len(raw_len) < 8:
                 raise _bad(label, path, f"file is too short ({size} bytes) to be safetensors")
@@ -270,7 +279,7 @@ def read_header(path: str | Path, *, label: str = "checkpoint") -> FileHeader:
     except OSError as e:
         raise CheckpointError(
             f"{label}: cannot read {path}: {e.strerror or e}",
-            hint="check that the file exists and is readable",
+            hint=_open_hint(e, "check that the file exists and is readable"),
             path=path,
         ) from e
     try:
@@ -346,7 +355,18 @@ def read_header(path: str | Path, *, label: str = "checkpoint") -> FileHeader:
     for (_, e0, n0), (b1, _, n1) in itertools.pairwise(spans):
         if b1 < e0:
             raise _bad(label, path, f"tensors {n0!r} and {n1!r} overlap")
-    return FileHeader(path, size, tensors, metadata)
+    return FileHeader(
+        path, size, tensors, metadata, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    )
+
+
+def _open_hint(e: OSError, default: str) -> str:
+    """The hint for a file that cannot be opened: the fix for EMFILE, a FIFO, or ``default``."""
+    if emfile_hint(e):
+        return EMFILE_HINT
+    if isinstance(e, NotRegularFile):
+        return "pass a regular safetensors file (FIFOs, sockets and devices are never read)"
+    return default
 
 
 def read_index(path: Path, label: str) -> dict[str, str]:
@@ -479,6 +499,9 @@ class CheckpointReader:
         self._names = natural_sorted(self._infos)
         self._unfetched = dict(unfetched or {})
         self._fds: OrderedDict[Path, int] = OrderedDict()
+        # How many files stay open between reads (LRU). 0: each read opens and closes its
+        # file, so a caller holding thousands of readers (adapters) holds no descriptors.
+        self.max_open = MAX_OPEN_FILES
         self._lock = threading.Lock()
         self._closed = False
 
@@ -508,6 +531,14 @@ class CheckpointReader:
             return cls.from_files([p], label=label, root=p.parent)
         if not p.is_dir():
             raise CheckpointError(f"{label}: {p} is not a file or directory", path=p)
+        for name in (INDEX_NAME, SINGLE_NAME):
+            q = p / name
+            if q.exists() and not q.is_file():  # a FIFO, socket or device: never opened
+                raise CheckpointError(
+                    f"{label}: {q} is {kind_of(q.stat().st_mode)}, not a regular file",
+                    hint="replace it by the checkpoint file itself",
+                    path=q,
+                )
         if (p / INDEX_NAME).is_file():
             return cls.from_index(p / INDEX_NAME, label=label)
         if (p / SINGLE_NAME).is_file():
@@ -658,19 +689,36 @@ class CheckpointReader:
         if fd is not None:
             self._fds.move_to_end(path)
             return fd
-        while len(self._fds) >= MAX_OPEN_FILES:
+        while self._fds and len(self._fds) >= max(self.max_open, 1):
             _, old = self._fds.popitem(last=False)
             os.close(old)
         try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            fd = open_regular(path)
         except OSError as e:
             raise CheckpointError(
                 f"{self.label}: cannot open {path}: {e.strerror or e}",
-                hint="the file was moved or deleted after it was opened",
+                hint=_open_hint(e, "the file was moved or deleted after it was opened"),
                 path=path,
             ) from e
+        h = self._headers.get(path)
+        st = os.fstat(fd)
+        ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        if h is not None and h.ident is not None and ident != h.ident:
+            os.close(fd)
+            raise CheckpointError(
+                f"{self.label}: {path} changed since its header was read",
+                hint="the file was replaced or modified during the run; run it again",
+                path=path,
+            )
         self._fds[path] = fd
         return fd
+
+    def release(self) -> None:
+        """Close the open file handles; the reader stays usable (files re-open on demand)."""
+        with self._lock:
+            while self._fds:
+                _, fd = self._fds.popitem()
+                os.close(fd)
 
     def _read_into(self, ti: TensorInfo, buf: bytearray | memoryview) -> None:
         if self._closed:
@@ -696,6 +744,8 @@ class CheckpointReader:
                     )
                 done += got
             self.bytes_read += ti.nbytes
+            if self.max_open == 0:
+                os.close(self._fds.pop(ti.path))
 
     def read_bytes(self, name: str) -> bytes:
         """The raw little-endian bytes of ``name`` exactly as stored (for byte-identical copies)."""

@@ -754,12 +754,10 @@ def _(w: World, mp: Any) -> list[str]:
 
 @case("output-not-writable", must=("Permission denied",))
 def _(w: World, mp: Any) -> list[str]:
-    import tempfile
+    def deny(path: Any, *a: Any, **k: Any) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
 
-    def deny(*a: Any, **k: Any) -> str:
-        raise PermissionError(errno.EACCES, "Permission denied", str(k.get("dir") or w.root))
-
-    mp.setattr(tempfile, "mkdtemp", deny)
+    mp.setattr(os, "mkdir", deny)  # the staging directory beside the output cannot be made
     return patch_p(w)
 
 

@@ -527,14 +527,17 @@ def test_a_failed_rename_on_one_rank_rolls_back_every_rank(
     patch_adapters(adapters, out, projections=cache, device="cpu")  # the old batch (-k 10)
     old = tree(out)
 
-    real_rename = os.rename
+    from safelora_cli import fsio
 
-    def rename(src: Any, dst: Any) -> None:
+    real_exchange = fsio.exchange
+
+    def exchange(src: Any, dst: Any) -> bool:
+        # --force swaps each staged directory with its target (RENAME_EXCHANGE).
         if threading.current_thread().name == "rank1" and ".safelora-tmp-" in str(src):
             raise OSError(5, "Input/output error", str(dst))
-        real_rename(src, dst)
+        return real_exchange(src, dst)
 
-    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(fsio, "exchange", exchange)
     from safelora_cli.selection import Selection
 
     results = _run_ranks(

@@ -303,7 +303,7 @@ def killed(inputs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) ->
         },
         "patch": {
             "argv": ["patch", adapter, "-p", cache, "-o", "{OUT}", "-q"],
-            "sweep": ["os.fsync", "os.rename"],
+            "sweep": ["os.fsync", "safelora_cli.fsio.rename_noreplace"],
             "when": {"os.fsync": ["before"]},
             "max_points": 3,
         },
@@ -322,14 +322,15 @@ def killed(inputs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) ->
                 "-k",
                 "2",
             ],
-            "sweep": ["os.rename", "os.fsync"],
+            "sweep": ["safelora_cli.fsio.rename_noreplace", "os.fsync"],
             "when": {"os.fsync": ["before"]},
             "max_points": 2,
         },
         "force": {
             "argv": ["patch", adapter, "-p", cache, "-o", "{OUT}", "-q", "--force", "-k", "3"],
-            "sweep": ["os.rename"],
-            "when": {},
+            "sweep": ["safelora_cli.fsio.exchange", "os.fsync"],
+            "when": {"os.fsync": ["before"]},
+            "max_points": 3,
             "prepare_from": str(inputs["previous"]),
         },
     }
@@ -365,8 +366,9 @@ def test_killed_compute_leaves_a_resumable_or_refused_cache(killed: dict[str, An
         snap = Path(r["snap"])
         out = snap / "out"
         siblings = sorted(p.name for p in snap.iterdir() if p.name not in ("out", "log"))
-        # A half-made cache directory is only ever a hidden, clearly named temporary.
-        assert all(s.startswith(".tmp-out") for s in siblings), (where, siblings)
+        # A half-made cache directory is only ever a hidden, clearly named temporary (and the
+        # writer's lock file).
+        assert all(s.startswith(".out.safelora-") for s in siblings), (where, siblings)
         if out.exists():
             _check_killed_cache(out, ref_tree, where)
         if r["rerun"] is None:
@@ -376,7 +378,7 @@ def test_killed_compute_leaves_a_resumable_or_refused_cache(killed: dict[str, An
         # killed run's temporary directory.
         assert r["rerun"]["code"] == 0, (where, log_of(r["dir"], "log2"))
         assert tree(Path(r["dir"]) / "out") == ref_tree, where
-        assert not [p for p in Path(r["dir"]).iterdir() if p.name.startswith(".tmp-")], where
+        assert not [p for p in Path(r["dir"]).iterdir() if p.name.startswith(".out.")], where
     assert kills >= 6
 
 
@@ -445,14 +447,18 @@ def _check_patch_runs(res: dict[str, Any], *, old: dict[str, str] | None) -> int
         out = snap / "out"
         hidden = [p for p in snap.iterdir() if p.name not in ("out", "log")]
         for p in hidden:
-            assert p.name.startswith((".out.safelora-tmp-", ".out.safelora-old-")), (where, p)
+            assert p.name.startswith((".out.safelora-tmp-", ".out.safelora-old-")) or (
+                p.name == ".out.safelora-lock" and p.is_file()
+            ), (where, p)
         got = tree(out) if out.exists() else None
         if got is not None:
             assert got in (ref_tree, old), (where, sorted(got))
         elif old is not None:
             # No output: the old one must survive, moved aside intact, while the new one was
             # being put in place.
-            olds = [p for p in hidden if p.name.startswith(".out.safelora-old-")]
+            olds = [
+                p for p in hidden if p.name.startswith((".out.safelora-old-", ".out.safelora-tmp-"))
+            ]
             assert any(tree(p) == old for p in olds), (where, "the old output was lost")
         rerun, log2 = r["rerun"], log_of(r["dir"], "log2")
         if rerun is None:
@@ -468,7 +474,11 @@ def _check_patch_runs(res: dict[str, Any], *, old: dict[str, str] | None) -> int
             # output exists again, so it is never the only copy lost).
             assert rerun["code"] == 0, (where, log2)
             assert tree(Path(r["dir"]) / "out") == ref_tree, where
-            left = [p.name for p in Path(r["dir"]).iterdir() if ".safelora-tmp-" in p.name]
+            left = [
+                p.name
+                for p in Path(r["dir"]).iterdir()
+                if ".safelora-tmp-" in p.name or ".safelora-lock" in p.name
+            ]
             assert not left, (where, left)
     return kills
 
@@ -477,7 +487,11 @@ def test_killed_patch_never_leaves_a_partial_adapter(killed: dict[str, Any]) -> 
     res = killed["patch"]
     assert _check_patch_runs(res, old=None) >= 4
     # The hook really kills: before the first rename nothing is in place yet.
-    first = next(r for r in res["runs"] if r["target"] == "os.rename" and r["when"] == "before")
+    first = next(
+        r
+        for r in res["runs"]
+        if r["target"] == "safelora_cli.fsio.rename_noreplace" and r["when"] == "before"
+    )
     assert first["killed"] == {"signal": 9, "code": None}
     assert not (Path(first["snap"]) / "out").exists()
 
@@ -490,7 +504,8 @@ def test_killed_forced_replacement_keeps_old_or_new(
     killed: dict[str, Any], inputs: dict[str, Path]
 ) -> None:
     res = killed["force"]
-    assert res["reference"]["counts"]["os.rename"] >= 2  # old aside, new in place
+    # One atomic swap (RENAME_EXCHANGE): the old output ends up under the staging name.
+    assert res["reference"]["counts"]["safelora_cli.fsio.exchange"] == 1
     assert _check_patch_runs(res, old=tree(inputs["previous"])) >= 3
 
 
@@ -524,9 +539,9 @@ def test_only_this_hosts_dead_runs_are_cleaned(tmp_path: Path) -> None:
 
     cache = tmp_path / "cache"
     tmps = {
-        f".tmp-cache-{host}-{dead}": False,
-        f".tmp-cache-{host}-{live}": True,
-        f".tmp-cache-otherhost-{dead}": True,
+        f".cache.safelora-tmp-{host}-{dead}-abc": False,
+        f".cache.safelora-tmp-{host}-{live}-abc": True,
+        f".cache.safelora-tmp-otherhost-{dead}-abc": True,
     }
     for n in tmps:
         (tmp_path / n).mkdir()

@@ -576,21 +576,22 @@ def test_failed_rename_rolls_back_the_batch(
     out = tmp_path / "out"
     run_patch([ad, ad2], out, projections=cache, selection=Selection("num_layers", 1))
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    real_rename = os.rename
-    renames: list[tuple[str, str]] = []
+    from safelora_cli import fsio
 
-    def flaky(src: Any, dst: Any) -> None:
-        renames.append((str(src), str(dst)))
+    real_exchange = fsio.exchange
+
+    def flaky(src: Any, dst: Any) -> bool:
+        # --force swaps each staged directory with its target (RENAME_EXCHANGE).
         if str(dst) == str(out / "second") and ".safelora-tmp-" in str(src):
             raise OSError(5, "I/O error")
-        real_rename(src, dst)
+        return real_exchange(src, dst)
 
-    monkeypatch.setattr(os, "rename", flaky)
+    monkeypatch.setattr(fsio, "exchange", flaky)
     with pytest.raises(OSError):
         run_patch(
             [ad, ad2], out, projections=cache, force=True, selection=Selection("num_layers", 4)
         )
-    monkeypatch.setattr(os, "rename", real_rename)
+    monkeypatch.setattr(fsio, "exchange", real_exchange)
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before
     assert sorted(p.name for p in out.iterdir()) == ["adapter", "second"]
