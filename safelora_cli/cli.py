@@ -14,17 +14,33 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import typer
+from typer.core import TyperCommand
 
 from safelora_cli import __version__, interrupts
 from safelora_cli.errors import EXIT_ERROR, SafeLoraError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+
+class _Command(TyperCommand):
+    """Usage lines name the arguments as the docs do (``BASE ALIGNED``, ``ADAPTER...``), not as
+    typer 0.26-0.28 writes required ones (``{base} {aligned}``)."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if getattr(param, "param_type_name", "") == "argument":
+                pieces.append(param.make_metavar(ctx))
+            else:
+                pieces.extend(param.get_usage_pieces(ctx))
+        return pieces
+
+
 app = typer.Typer(
     name="safelora",
     help="Safe LoRA for PEFT adapters: project LoRA updates onto the alignment subspace.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -151,9 +167,8 @@ def _root(
 def _register() -> None:
     from safelora_cli.commands import compute, inspect, patch
 
-    app.command("compute-projections", no_args_is_help=True)(cli_errors(compute.command))
-    app.command("patch", no_args_is_help=True)(cli_errors(patch.command))
-    app.command("inspect", no_args_is_help=True)(cli_errors(inspect.command))
+    for name, mod in (("compute-projections", compute), ("patch", patch), ("inspect", inspect)):
+        app.command(name, no_args_is_help=True, cls=_Command)(cli_errors(mod.command))
 
 
 _register()

@@ -3,9 +3,13 @@
 Contract:
 
 - :func:`compute_projections` ``(base, aligned, cache_dir, *, adapters=(), targets=None,
-  device="auto", revision_base=None, revision_aligned=None, progress=None, dtype=None)
-  -> ComputeSummary``. Targets come from :func:`safelora_cli.targets.resolve_targets` (the
-  weights behind the adapters' LoRA modules, mapped as patch maps them, and/or ``--targets``).
+  device="auto", revision_base=None, revision_aligned=None, progress=None, dtype=None,
+  representation="auto") -> ComputeSummary``. ``representation`` (``auto|gram|factor``,
+  UsageError otherwise) is resolved per weight by
+  :func:`~safelora_cli.projector.representation_for` on the computing device's type; entries
+  already cached are kept in whatever form they were stored. Targets come from
+  :func:`safelora_cli.targets.resolve_targets` (the weights behind the adapters' LoRA
+  modules, mapped as patch maps them, and/or ``--targets``).
   Hub models are opened with ``want=`` so only the shards holding target weights are fetched.
   Everything that can be checked from headers is checked before the cache is touched: each
   target present on both sides, same shape, 2-D, floating point (CheckpointError naming the
@@ -36,7 +40,8 @@ Contract:
   fails every rank; the cache then ends as after a failed single-process run.
 - :func:`parse_device` ``(spec) -> torch.device``: ``auto|cpu|cuda|cuda:N``; UsageError for a
   malformed or unavailable device.
-- :class:`StreamingProjectorSource` ``(base_reader, aligned_reader, *, device="cpu")``: a
+- :class:`StreamingProjectorSource` ``(base_reader, aligned_reader, *, device="cpu",
+  representation="auto")``: a
   :class:`~safelora_cli.projector.ProjectorSource` computing only the requested projectors
   from two open readers (``patch --base/--aligned``); nothing is written. Its projectors live
   on ``device``.
@@ -51,7 +56,7 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,12 +64,16 @@ from typing import TYPE_CHECKING, Any
 
 from safelora_cli.errors import CacheError, CheckpointError, SafeLoraError, UsageError
 from safelora_cli.naming import natural_sorted
+from safelora_cli.progress import announce
 from safelora_cli.projector import (
+    GRAM,
     Projector,
     alignment_delta,
     alignment_delta_serial,
     build_projector,
+    check_representation,
     prefetched,
+    representation_for,
 )
 from safelora_cli.targets import FLOAT_CODES, Target, names_for, resolve_targets
 
@@ -149,7 +158,7 @@ class ComputeSummary:
 
     def line(self) -> str:
         """The one-line human summary (weights, bytes read, seconds, cache size)."""
-        parts = [f"{self.computed} weights computed"]
+        parts = [f"{self.computed} weight{'' if self.computed == 1 else 's'} computed"]
         if self.skipped:
             parts.append(f"{self.skipped} already cached")
         if self.degenerate:
@@ -173,6 +182,9 @@ class ComputeSummary:
 
 
 def _mb(n: int) -> str:
+    """A byte count for people: kB below 0.1 MB, GB from 1 GB (decimal units)."""
+    if n >= 1e9:
+        return f"{n / 1e9:.2f} GB"
     return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
@@ -245,6 +257,7 @@ class _PairStream:
         *,
         pool: BufferPool | None = None,
         pooled_output: bool = False,
+        representation: str = "auto",
         digests: dict[str, tuple[Any, Any]] | None = None,
     ):
         from safelora_cli.buffers import BufferPool
@@ -254,12 +267,17 @@ class _PairStream:
         self.device = device
         self.pool = pool if pool is not None else BufferPool()
         self.pooled_output = pooled_output
+        self.representation = representation
         # When given: weight -> SHA-256 of the (base, aligned) bytes read, for the cache entry
         # (:meth:`take_digests`). On the CPU they are hashed on the prefetch thread while the
         # previous projector is computed; for a GPU, whose compute is quick, on two threads of
         # their own, so hashing (~1.4 GB/s per thread) does not slow the reads down.
         self.digests = digests
         self._hasher: ThreadPoolExecutor | None = None
+
+    def kind(self, t: Target) -> str:
+        """The stored form of ``t``'s projector on this stream's device."""
+        return representation_for(t.d_out, t.d_in, self.representation, self.device.type)
 
     def load(self, t: Target) -> _Item:
         if self.device.type == "cpu":
@@ -327,7 +345,8 @@ class _PairStream:
         files = (self.base.info(t.weight).path, self.aligned.info(t.weight).path)
         out = None
         f32 = dtype is None or dtype == torch.float32
-        if self.pooled_output and v.device.type == "cpu" and t.d_out <= t.d_in and f32:
+        kind = self.kind(t)
+        if self.pooled_output and v.device.type == "cpu" and kind == GRAM and f32:
             out = self.pool.tensor((t.d_out, t.d_out), torch.float32)
         try:
             pr = build_projector(
@@ -338,6 +357,7 @@ class _PairStream:
                 sources=files,
                 consume=self.pooled_output or v.device.type != "cpu",
                 out=out,
+                representation=kind,
             )
         except BaseException:
             self.pool.give(out)
@@ -371,16 +391,20 @@ class StreamingProjectorSource:
         aligned_reader: CheckpointReader,
         *,
         device: str | torch.device = "cpu",
+        representation: str = "auto",
     ):
         import torch
 
+        representation = check_representation(representation)
         dev = device if isinstance(device, torch.device) else parse_device(str(device))
         from safelora_cli.buffers import BufferPool
 
         limit_heap_retention()
         # Two free buffers: the pair and the delta of one weight (projectors are fresh memory).
         pool = BufferPool(max_free=2)
-        self._stream = _PairStream(base_reader, aligned_reader, dev, pool=pool)
+        self._stream = _PairStream(
+            base_reader, aligned_reader, dev, pool=pool, representation=representation
+        )
         self.device = dev
 
     @property
@@ -406,16 +430,22 @@ class StreamingProjectorSource:
         return self._stream.stream(targets)
 
 
-def schedule(targets: Sequence[Target]) -> list[Target]:
+def schedule(
+    targets: Sequence[Target], kind_of: Callable[[Target], str] | None = None
+) -> list[Target]:
     """The order to compute in: ``gram`` and ``factor`` weights alternating, each in given order.
+
+    ``kind_of(target)``: its stored form (default: the ``auto`` rule on CPU).
 
     A ``factor`` entry costs the main thread almost nothing (a scaling) while its pair still
     has to be read and subtracted on the prefetch thread; two in a row leave the main thread
     waiting. Putting a ``gram`` matmul between them hides that work. The cache does not depend
     on the order (entries are independent files; the manifest is sorted).
     """
-    grams = [t for t in targets if t.d_out <= t.d_in]
-    factors = [t for t in targets if t.d_out > t.d_in]
+    kind_of = kind_of or (lambda t: representation_for(t.d_out, t.d_in))
+    kinds = [kind_of(t) for t in targets]
+    grams = [t for t, k in zip(targets, kinds, strict=True) if k == GRAM]
+    factors = [t for t, k in zip(targets, kinds, strict=True) if k != GRAM]
     out: list[Target] = []
     for i in range(max(len(grams), len(factors))):
         out += [x[i] for x in (grams, factors) if i < len(x)]
@@ -452,6 +482,7 @@ def compute_projections(
     progress: Progress | None = None,
     dtype: Any = None,
     dist: Dist | None = None,
+    representation: str = "auto",
 ) -> ComputeSummary:
     """Compute and cache one projector per target weight (see the module docstring).
 
@@ -462,6 +493,7 @@ def compute_projections(
 
     t0 = time.perf_counter()
     progress = progress or NullProgress()
+    representation = check_representation(representation)
     if dist is not None and dist.world_size > 1:
         return _compute_distributed(
             base,
@@ -476,6 +508,7 @@ def compute_projections(
             dtype=dtype,
             dist=dist,
             t0=t0,
+            representation=representation,
         )
     dev = _checked_request(adapters, targets, device)
     cache_dir = Path(cache_dir)
@@ -486,7 +519,7 @@ def compute_projections(
         sa,
         tlist,
     ):
-        return _run(rb, ra, sb, sa, cache_dir, tlist, dev, progress, dtype, t0)
+        return _run(rb, ra, sb, sa, cache_dir, tlist, dev, progress, dtype, t0, representation)
 
 
 def _checked_request(
@@ -570,6 +603,7 @@ def _stream_into(
     dtype: Any,
     progress: Progress,
     degenerate: list[str],
+    representation: str = "auto",
 ) -> int:
     """Compute ``todo`` in order and ``cache.put`` each entry; returns how many were written.
 
@@ -580,7 +614,9 @@ def _stream_into(
     # Every buffer has the size of the largest float32 delta, so any free one serves any
     # weight (a projector is never larger than its delta).
     pool = BufferPool(max((4 * t.d_out * t.d_in for t in todo), default=0))
-    stream = _PairStream(rb, ra, dev, pool=pool, pooled_output=True, digests={})
+    stream = _PairStream(
+        rb, ra, dev, pool=pool, pooled_output=True, representation=representation, digests={}
+    )
     done = 0
     progress.start(len(todo), "computing projections")
 
@@ -602,6 +638,7 @@ def _stream_into(
         ):
             pending: tuple[Future[Any], Target] | None = None
             for t, pr in zip(todo, it, strict=True):
+                announce(progress, t.weight)
                 if pending is not None:
                     written(*pending)
                 release = functools.partial(pool.give, pr.tensor)
@@ -628,6 +665,7 @@ def _run(
     progress: Progress,
     dtype: Any,
     t0: float,
+    representation: str = "auto",
 ) -> ComputeSummary:
     from safelora_cli.cache import ProjectionCache
 
@@ -639,8 +677,11 @@ def _run(
     done = 0
     try:
         cache.require([(t.weight, t.fan_in_fan_out) for t in tlist if cache.has(t.weight)])
-        todo = schedule([t for t in tlist if not cache.has(t.weight)])
-        done = _stream_into(cache, rb, ra, todo, dev, dtype, progress, degenerate)
+        todo = schedule(
+            [t for t in tlist if not cache.has(t.weight)],
+            lambda t: representation_for(t.d_out, t.d_in, representation, dev.type),
+        )
+        done = _stream_into(cache, rb, ra, todo, dev, dtype, progress, degenerate, representation)
         cache.finish()
     except (SafeLoraError, OSError) as e:
         if created:
@@ -678,13 +719,20 @@ READ_BYTES_PER_S = 2e9
 FLOPS_PER_S = {"cpu": 5e10, "cuda": 2e13}
 
 
-def target_cost(t: Target, rb: CheckpointReader, ra: CheckpointReader, device: str) -> float:
+def target_cost(
+    t: Target,
+    rb: CheckpointReader,
+    ra: CheckpointReader,
+    device: str,
+    representation: str = "auto",
+) -> float:
     """Estimated seconds to compute ``t``: both tensors read, plus the projector's FLOPs.
 
     ``gram`` forms ``V V^T`` (``2 d_out^2 d_in`` FLOPs); ``factor`` only subtracts and scales.
+    The form is :func:`~safelora_cli.projector.representation_for` on ``device`` (a type).
     """
     nbytes = rb.info(t.weight).nbytes + ra.info(t.weight).nbytes
-    if t.d_out <= t.d_in:
+    if representation_for(t.d_out, t.d_in, representation, device) == GRAM:
         flops = 2.0 * t.d_out * t.d_out * t.d_in
     else:
         flops = 3.0 * t.d_out * t.d_in
@@ -697,6 +745,7 @@ def split_targets(
     ra: CheckpointReader,
     parts: int,
     device: str = "cpu",
+    representation: str = "auto",
 ) -> list[list[Target]]:
     """``todo`` split into ``parts`` shares balanced by :func:`target_cost` (deterministic).
 
@@ -704,7 +753,7 @@ def split_targets(
     """
     from safelora_cli.distributed import balance
 
-    costs = [target_cost(t, rb, ra, device) for t in todo]
+    costs = [target_cost(t, rb, ra, device, representation) for t in todo]
     return [[todo[i] for i in share] for share in balance(costs, parts)]
 
 
@@ -734,6 +783,7 @@ def _compute_distributed(
     dtype: Any,
     dist: Dist,
     t0: float,
+    representation: str = "auto",
 ) -> ComputeSummary:
     """compute-projections as one rank of several (docs/scale-out.md).
 
@@ -756,7 +806,9 @@ def _compute_distributed(
         except Exception as e:
             err = e
         dist.agree(err)
-        return _run_distributed(rb, ra, sb, sa, cache_dir, tlist, dev, progress, dtype, t0, dist)
+        return _run_distributed(
+            rb, ra, sb, sa, cache_dir, tlist, dev, progress, dtype, t0, dist, representation
+        )
 
 
 def _run_distributed(
@@ -771,6 +823,7 @@ def _run_distributed(
     dtype: Any,
     t0: float,
     dist: Dist,
+    representation: str = "auto",
 ) -> ComputeSummary:
     from safelora_cli.cache import ProjectionCache, _entry_from_json
     from safelora_cli.progress import NullProgress
@@ -793,7 +846,7 @@ def _run_distributed(
             )
             cache.require([(t.weight, t.fan_in_fan_out) for t in tlist if cache.has(t.weight)])
             todo = [t for t in tlist if not cache.has(t.weight)]
-            shares = split_targets(todo, rb, ra, dist.world_size, dev.type)
+            shares = split_targets(todo, rb, ra, dist.world_size, dev.type, representation)
             plan = (cache.manifest, [[t.weight for t in s] for s in shares], cache.created)
         except Exception as e:
             err = e
@@ -806,7 +859,10 @@ def _run_distributed(
     skipped = len(tlist) - sum(len(s) for s in shares)
 
     # 2. Every rank streams its share into its own entry files.
-    mine = schedule([by_name[w] for w in shares[dist.rank]])
+    mine = schedule(
+        [by_name[w] for w in shares[dist.rank]],
+        lambda t: representation_for(t.d_out, t.d_in, representation, dev.type),
+    )
     read0 = rb.bytes_read + ra.bytes_read
     degenerate: list[str] = []
     written: list[dict[str, Any]] = []
@@ -823,6 +879,7 @@ def _run_distributed(
             dtype,
             progress if dist.is_main else NullProgress(),
             degenerate,
+            representation,
         )
     except Exception as e:
         err = e

@@ -29,6 +29,14 @@ Device = Annotated[
     str,
     typer.Option("--device", help="auto, cpu, cuda or cuda:N. auto uses CUDA when available."),
 ]
+Representation = Annotated[
+    str,
+    typer.Option(
+        "--representation",
+        help="How each projector is stored: auto (per weight, by estimated time and bytes; "
+        "docs/algorithm.md), gram (C = V V^T / ||V||_F) or factor (F = V / sqrt(||V||_F)).",
+    ),
+]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")]
 Json = Annotated[
     bool, typer.Option("--json", help="Print one JSON object per adapter per line on stdout.")

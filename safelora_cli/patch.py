@@ -21,12 +21,14 @@
   adapter.
 - The new adapter directory: every file of the input directory is copied byte for byte
   (recursively; ``.git`` and ``.cache`` are not copied: they describe the input's download,
-  not the new adapter), ``adapter_config.json`` included, unchanged. The weights file is
-  rewritten as ``adapter_model.safetensors`` with the same keys, dtypes, shapes and tensor
-  order; tensors other than the projected ``lora_B`` are copied as their stored bytes. Its
-  ``__metadata__`` keeps the input's entries (``{"format": "pt"}``) and adds
-  :data:`META_PREFIX`-keys (JSON strings): ``version``, ``sources``, ``selection``,
-  ``projected``. A legacy ``adapter_model.bin`` input is written as
+  not the new adapter), ``adapter_config.json`` included, unchanged, except ``README.md``:
+  it is the model card :func:`safelora_cli.modelcard.adapter_card` writes (the input's card,
+  if any, with its text and keys kept, safelora's tags and a section on what was done).
+  The weights file is rewritten as ``adapter_model.safetensors`` with the same keys,
+  dtypes, shapes and tensor order; tensors other than the projected ``lora_B`` are copied
+  as their stored bytes. Its ``__metadata__`` keeps the input's entries
+  (``{"format": "pt"}``) and adds :data:`META_PREFIX`-keys (JSON strings): ``version``,
+  ``sources``, ``selection``, ``projected``. A legacy ``adapter_model.bin`` input is written as
   ``adapter_model.safetensors`` (the ``.bin`` is not copied, so PEFT cannot load the unpatched
   weights by mistake; likewise a stale ``.bin`` beside a ``.safetensors`` input is dropped);
   tensors keep their dtype and values.
@@ -57,6 +59,7 @@ from safelora_cli import __version__
 from safelora_cli.adapter import load_adapters
 from safelora_cli.errors import AdapterError, UsageError
 from safelora_cli.fsio import fsync_dir
+from safelora_cli.modelcard import CARD_NAME, adapter_card
 from safelora_cli.output import (
     REPORT_NAME,
     OutputInput,
@@ -104,11 +107,16 @@ def patch_adapters(
     save_projections: Path | None = None,
     progress: Progress | None = None,
     dist: Dist | None = None,
+    representation: str = "auto",
+    allow_unchanged: bool = False,
 ) -> list[AdapterReport]:
     """Patch ``adapters`` into ``output`` (see the module docstring for every rule).
 
     Raises UsageError (bad flag combination, duplicate names), SourceError/AdapterError/
     CheckpointError/CacheError (inputs), OutputError (output rules); nothing is written then.
+    An adapter with no module that can be scored (all untrained, all DoRA, no alignment
+    signal...) is an AdapterError (:func:`check_something_to_project`) unless
+    ``allow_unchanged``, which writes its unchanged copy.
     ``dist`` (:func:`safelora_cli.distributed.current`): split the adapters across the ranks
     of a multi-process launch (:func:`_patch_distributed`); every rank returns every report.
     """
@@ -129,6 +137,8 @@ def patch_adapters(
             save_projections=save_projections,
             progress=progress,
             dist=dist,
+            representation=representation,
+            allow_unchanged=allow_unchanged,
         )
     check_flags(
         adapters,
@@ -158,10 +168,13 @@ def patch_adapters(
             revision_base=revision_base,
             revision_aligned=revision_aligned,
             save_projections=save_projections,
+            representation=representation,
         ) as (source, weight_for, sources):
             scored = score_adapters(
                 loaded, source, selection, weight_for=weight_for, progress=progress
             )
+            if not allow_unchanged:
+                check_something_to_project(scored)
             for s, target in zip(scored, plan.targets, strict=True):
                 s.report.output = str(target)
                 s.report.sources = sources
@@ -179,6 +192,34 @@ def patch_adapters(
     finally:
         for ad in loaded:
             ad.close()
+
+
+def check_something_to_project(scored: Sequence[ScoredAdapter]) -> None:
+    """AdapterError for the first adapter none of whose modules has a cosine.
+
+    Such an adapter (every LoRA module untrained or without alignment signal, or no LoRA module
+    safelora can project at all: DoRA, embedding LoRA...) would be written as an unchanged
+    copy that looks "safe"; the user asks for that copy with ``allow_unchanged``.
+    """
+    for s in scored:
+        rep = s.report
+        if any(m.cosine is not None for m in rep.modules):
+            continue
+        why: dict[str, int] = {}
+        for reason in [m.reason or "no cosine" for m in rep.modules] + [
+            sk.reason for sk in rep.skipped
+        ]:
+            short = reason.split(":", 1)[0].strip()
+            why[short] = why.get(short, 0) + 1
+        parts = [f"{r}: {n} module{'s' if n != 1 else ''}" for r, n in why.items()]
+        parts = parts or ["the adapter holds no LoRA module"]
+        raise AdapterError(
+            f"adapter {rep.adapter}: nothing to project: no module can be scored "
+            f"({'; '.join(parts)}).",
+            hint="Check that this is the trained adapter and the model pair it was made for; "
+            "pass --allow-unchanged to write an unchanged copy anyway.",
+            path=rep.path,
+        )
 
 
 # ----------------------------------------------------------------------------- writing
@@ -282,10 +323,40 @@ def write_adapter_dir(s: ScoredAdapter, dest: Path) -> None:
     """Fill the (empty, existing) directory ``dest`` with the patched adapter."""
     ad = s.adapter
     src = ad.path
-    copy_tree(src, dest, {ad.weights_path.name, WEIGHTS_NAME, LEGACY_NAME, REPORT_NAME})
+    copy_tree(src, dest, {ad.weights_path.name, WEIGHTS_NAME, LEGACY_NAME, REPORT_NAME, CARD_NAME})
     _write_safetensors(s, dest / WEIGHTS_NAME)
+    card = src / CARD_NAME
+    text = adapter_card(_read_card(card), s.report, ad.config, source=str(card))
+    write_text(dest / CARD_NAME, text)
     write_text(dest / REPORT_NAME, json.dumps(s.report.to_json(), indent=2, allow_nan=False) + "\n")
     fsync_dir(dest)
+
+
+# A model card is text for people; anything larger is refused rather than held in memory.
+CARD_LIMIT = 16 * 1024 * 1024
+
+
+def _read_card(path: Path) -> str | None:
+    """The input adapter's README.md text (None without one, or when it is not a regular
+    file); AdapterError if it is not UTF-8 or larger than :data:`CARD_LIMIT`."""
+    from safelora_cli.fsio import read_regular
+
+    if not path.is_file():
+        return None
+    try:
+        return read_regular(path, CARD_LIMIT).decode("utf-8")
+    except ValueError as e:
+        if not isinstance(e, UnicodeDecodeError):
+            raise AdapterError(
+                f"{path} {e}: too large for a model card.",
+                hint="Shorten README.md (or remove it), then run again.",
+                path=path,
+            ) from None
+        raise AdapterError(
+            f"{path} is not UTF-8 text: its model card cannot be updated.",
+            hint="Save README.md as UTF-8 (or remove it), then run again.",
+            path=path,
+        ) from None
 
 
 # ----------------------------------------------------------------------------- output plan
@@ -383,6 +454,8 @@ def _patch_distributed(
     save_projections: Path | None,
     progress: Progress | None,
     dist: Dist,
+    representation: str = "auto",
+    allow_unchanged: bool = False,
 ) -> list[AdapterReport]:
     """patch as one rank of several (docs/scale-out.md).
 
@@ -434,6 +507,7 @@ def _patch_distributed(
                     revision_base=revision_base,
                     revision_aligned=revision_aligned,
                     save_projections=None,
+                    representation=representation,
                 ) as (source, weight_for, sources):
                     scored = score_adapters(
                         subset,
@@ -442,6 +516,8 @@ def _patch_distributed(
                         weight_for=weight_for,
                         progress=progress if dist.is_main else None,
                     )
+                if not allow_unchanged:
+                    check_something_to_project(scored)
                 for sa, i in zip(scored, mine, strict=True):
                     sa.report.output = str(plan.targets[i])
                     sa.report.sources = sources

@@ -1,7 +1,11 @@
 """Progress reporting without terminal knowledge.
 
 Long-running library calls take a :class:`Progress`; the CLI passes one that draws a rich bar
-on stderr, batch scripts pass nothing (:class:`NullProgress`).
+on stderr, batch scripts pass nothing (:class:`NullProgress`) or their own object with these
+methods (a callback: docs/batch.md).
+
+``item(name)`` is optional: a progress object without it still works; the library calls it
+through :func:`announce` with the weight it is working on, so a bar can name it.
 """
 
 from __future__ import annotations
@@ -31,5 +35,15 @@ class NullProgress:
     def advance(self, units: int = 1, nbytes: int = 0) -> None:
         pass
 
+    def item(self, name: str) -> None:
+        pass
+
     def finish(self) -> None:
         pass
+
+
+def announce(progress: object | None, name: str) -> None:
+    """Tell ``progress`` which weight is being worked on, if it has an ``item(name)`` method."""
+    item = getattr(progress, "item", None)
+    if callable(item):
+        item(name)

@@ -9,11 +9,16 @@ Contract (DESIGN §1; other modules code against exactly this):
 - :func:`alignment_delta` ``(w_base, w_aligned, *, fan_in_fan_out) -> float32 [d_out, d_in]``:
   ``V = W_aligned - W_base``, both upcast to float32 *before* subtracting. Fresh, contiguous
   memory (never aliases an input).
-- :func:`representation_for` ``(d_out, d_in) -> "gram" | "factor"``: ``gram`` iff
-  ``d_out <= d_in``. Either way at most ``min(d_out^2, d_out*d_in)`` numbers are stored.
-- :func:`build_projector` ``(weight, v, *, fan_in_fan_out, dtype=torch.float32) -> Projector``:
-  ``C = V V^T / ||V||_F`` (the paper's and the official code's projector). It is **not**
-  idempotent (eigenvalues ``sigma_i^2 / ||V||_F``); do not "fix" it. ``gram`` stores ``C``
+- :func:`representation_for` ``(d_out, d_in, mode="auto", device="cpu") -> "gram" | "factor"``:
+  ``gram``/``factor`` force that form; ``auto`` picks the one with the lower estimated cost
+  (:func:`representation_cost`: the product, writing the entry, one patch reading and applying
+  it, at :data:`RATES` of ``device``'s type); where the two differ by under
+  :data:`NEGLIGIBLE_S` it keeps the smaller tensor (``gram`` on a tie: the pre-``auto`` rule).
+  ``check_representation(mode)`` raises UsageError for anything but ``auto|gram|factor``.
+- :func:`build_projector` ``(weight, v, *, fan_in_fan_out, dtype=torch.float32,
+  representation="auto") -> Projector``: ``C = V V^T / ||V||_F`` (the paper's and the
+  official code's projector). It is **not** idempotent (eigenvalues ``sigma_i^2 / ||V||_F``);
+  do not "fix" it. ``gram`` stores ``C``
   ``[d_out, d_out]``; ``factor`` stores ``F = V / sqrt(||V||_F)`` ``[d_out, d_in]`` so that
   ``C = F F^T``. ``V == 0`` gives a *degenerate* projector (``norm_v == 0``, zero tensor, no
   division by zero). NaN/Inf in ``V`` raises :class:`CheckpointError` naming the weight (and
@@ -41,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypeVar, runtime_checkable
 
-from safelora_cli.errors import AdapterError, CheckpointError
+from safelora_cli.errors import AdapterError, CheckpointError, UsageError
 
 if TYPE_CHECKING:
     import torch
@@ -54,9 +59,88 @@ KINDS = (GRAM, FACTOR)
 PROJECTOR_KIND = "safe-lora: C = V V^T / ||V||_F"
 
 
-def representation_for(d_out: int, d_in: int) -> str:
-    """``"gram"`` (store ``C``, ``d_out x d_out``) iff ``d_out <= d_in``, else ``"factor"``."""
-    return GRAM if d_out <= d_in else FACTOR
+AUTO = "auto"
+MODES = (AUTO, GRAM, FACTOR)
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Throughputs the ``auto`` rule weighs (one process, all its threads).
+
+    ``flops``: float32 matmul FLOP/s (``V V^T``); float64 (``C B``) is taken at half of it.
+    ``write``: bytes/s of a written and fsynced cache entry. ``read``: bytes/s of reading an
+    entry back at patch time.
+    """
+
+    flops: float
+    write: float
+    read: float
+
+
+# CPU: measured on the 2-core development machine (torch 2.13, MKL, 2 threads), 2026-12-04:
+# torch.mm(V, V.T) at 4096x4096 and 4096x11008 float32 ran at 135-146 GFLOP/s; a 67 MB
+# write + fsync at 1.1-1.2 GB/s. The read rate, 2 GB/s, is not measured: it is the nominal rate
+# compute.READ_BYTES_PER_S balances ranks by. CUDA: *not measured* (no GPU was available); a
+# nominal 2e13 float32 FLOP/s (a data-centre GPU without TF32) with the same host disk.
+RATES: dict[str, Rates] = {
+    "cpu": Rates(flops=1.4e11, write=1.1e9, read=2e9),
+    "cuda": Rates(flops=2e13, write=1.1e9, read=2e9),
+}
+# A typical LoRA rank, for the patch-time term (the term is small next to the others).
+PATCH_RANK = 16
+# Below this difference in estimated seconds the choice does not matter to anyone.
+NEGLIGIBLE_S = 1e-3
+
+
+def check_representation(mode: str) -> str:
+    """``mode`` lower-cased when it is ``auto``, ``gram`` or ``factor``; UsageError otherwise."""
+    m = (mode or AUTO).strip().lower()
+    if m not in MODES:
+        raise UsageError(
+            f"--representation {mode!r} is not one of auto, gram, factor",
+            hint="auto picks per weight by estimated cost (docs/algorithm.md); gram stores "
+            "C = V V^T / ||V||_F, factor stores F = V / sqrt(||V||_F)",
+        )
+    return m
+
+
+def representation_cost(kind: str, d_out: int, d_in: int, device: str = "cpu") -> float:
+    """Estimated seconds a user pays for storing one ``[d_out, d_in]`` weight as ``kind``.
+
+    The sum of: forming it (``gram``: the ``V V^T`` product, ``2 d_out^2 d_in`` FLOPs;
+    ``factor``: a scaling, which ``gram``'s division matches, so 0), writing it (float32
+    bytes / ``write``), and one patch reading it back and applying it to a rank-16 ``B``
+    (bytes / ``read`` plus ``2 d_out^2 r`` or ``4 d_out d_in r`` float64 FLOPs). Rates are
+    :data:`RATES` of ``device`` (a type: ``cpu``, ``cuda``; unknown types count as ``cpu``).
+    """
+    rt = RATES.get(device, RATES["cpu"])
+    numel = d_out * d_out if kind == GRAM else d_out * d_in
+    nbytes = 4.0 * numel
+    if kind == GRAM:
+        make = 2.0 * d_out * d_out * d_in / rt.flops
+        apply = 2.0 * d_out * d_out * PATCH_RANK
+    else:
+        make = 0.0
+        apply = 4.0 * d_out * d_in * PATCH_RANK
+    return make + nbytes / rt.write + nbytes / rt.read + apply / (rt.flops / 2)
+
+
+def representation_for(d_out: int, d_in: int, mode: str = AUTO, device: str = "cpu") -> str:
+    """The form to store a ``[d_out, d_in]`` weight's projector in (``"gram"``/``"factor"``).
+
+    ``mode`` ``gram``/``factor``: that form. ``auto``: the lower :func:`representation_cost`
+    on ``device`` (a device type); when the two costs differ by less than
+    :data:`NEGLIGIBLE_S` the smaller tensor, ``gram`` on a tie (``d_out <= d_in``).
+    """
+    if mode in (GRAM, FACTOR):
+        return mode
+    if mode != AUTO:
+        raise ValueError(f"representation must be one of {MODES}, got {mode!r}")
+    g = representation_cost(GRAM, d_out, d_in, device)
+    f = representation_cost(FACTOR, d_out, d_in, device)
+    if abs(g - f) < NEGLIGIBLE_S:
+        return GRAM if d_out <= d_in else FACTOR
+    return GRAM if g < f else FACTOR
 
 
 def stored_shape(kind: str, d_out: int, d_in: int) -> tuple[int, int]:
@@ -238,12 +322,14 @@ def build_projector(
     sources: Sequence[str | Path] | None = None,
     consume: bool = False,
     out: torch.Tensor | None = None,
+    representation: str = AUTO,
 ) -> Projector:
     """The projector of alignment matrix ``v`` (float32 ``[d_out, d_in]``, linear orientation).
 
-    ``C = V V^T / ||V||_F`` stored as ``gram`` (``C``) when ``d_out <= d_in``, else as
-    ``factor`` (``F = V / sqrt(||V||_F)``), cast to ``dtype`` (default float32). The result
-    lives on ``v``'s device. ``V == 0`` -> degenerate projector (zeros, ``norm_v == 0``).
+    ``C = V V^T / ||V||_F`` stored as ``gram`` (``C``) or ``factor`` (``F = V / sqrt(||V||_F)``)
+    as :func:`representation_for` ``(d_out, d_in, representation, v.device.type)`` says, cast to
+    ``dtype`` (default float32). The result lives on ``v``'s device. ``V == 0`` -> degenerate
+    projector (zeros, ``norm_v == 0``).
     NaN/Inf in ``v`` -> CheckpointError naming ``weight`` and ``sources`` (base and aligned
     files). ``consume=True`` lets the factor path scale ``v`` in place (saves one copy).
     ``out``: a contiguous float32 ``[d_out, d_out]`` buffer on ``v``'s device for the gram
@@ -263,7 +349,7 @@ def build_projector(
         v = v.to(torch.float32)
         consume = True
     d_out, d_in = (int(s) for s in v.shape)
-    kind = representation_for(d_out, d_in)
+    kind = representation_for(d_out, d_in, representation, v.device.type)
     norm = frobenius_norm(v)
     if not math.isfinite(norm):
         raise CheckpointError(

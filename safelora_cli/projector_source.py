@@ -108,9 +108,24 @@ def open_projector_source(
     revision_base: str | None,
     revision_aligned: str | None,
     save_projections: Path | None,
+    representation: str = "auto",
 ) -> Iterator[tuple[Any, Callable[[LoraModule], str], dict[str, Any]]]:
-    """``(ProjectorSource, weight_for, provenance)``; everything checked before yielding."""
+    """``(ProjectorSource, weight_for, provenance)``; everything checked before yielding.
+
+    ``representation`` (``auto|gram|factor``) is how projectors built from ``base``/``aligned``
+    are stored (and saved); with ``projections`` the cache decides, so anything but ``auto``
+    is a UsageError.
+    """
     from safelora_cli.adapter import orient_for_base
+    from safelora_cli.projector import AUTO, check_representation
+
+    representation = check_representation(representation)
+    if projections is not None and representation != AUTO:
+        raise UsageError(
+            f"--representation {representation} applies to --base/--aligned, not to -p.",
+            hint="A cache keeps the form each entry was computed in; rebuild it with "
+            "compute-projections --representation to change it.",
+        )
 
     if projections is not None:
         from safelora_cli.cache import ProjectionCache
@@ -161,7 +176,10 @@ def open_projector_source(
         weight_for = weight_mapper(base_reader.names(), "base model", strict=True)
         requests = sorted({(weight_for(m), bool(m.fan_in_fan_out)) for m in modules})
         source: Any = StreamingProjectorSource(
-            base_reader, aligned_reader, device=_torch_device(device)
+            base_reader,
+            aligned_reader,
+            device=_torch_device(device),
+            representation=representation,
         )
         source.require(requests)  # headers only: shapes, dtypes, presence, before any compute
         sources = {"base": provenance(base_spec), "aligned": provenance(aligned_spec)}

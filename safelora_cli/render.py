@@ -123,12 +123,14 @@ def status(message: str, *, quiet: bool = False) -> None:
 class RichProgress:
     """A :class:`safelora_cli.progress.Progress` drawn as a rich bar on stderr.
 
-    Shows units done, MB/s and time left. Disabled (a no-op) with ``quiet`` or when stderr is
-    not a terminal.
+    Shows what it does (``label``, or the library's description), units done, MB/s, time
+    elapsed and time left (both labelled) and the weight being worked on (``item``). Disabled
+    (a no-op) with ``quiet`` or when stderr is not a terminal.
     """
 
-    def __init__(self, *, quiet: bool = False) -> None:
+    def __init__(self, *, quiet: bool = False, label: str | None = None) -> None:
         self.enabled = not quiet and sys.stderr.isatty()
+        self.label = label
         self._bar = None
         self._task = None
         self._bytes = 0
@@ -145,20 +147,41 @@ class RichProgress:
             MofNCompleteColumn,
             Progress,
             TextColumn,
+            TimeElapsedColumn,
             TimeRemainingColumn,
         )
+        from rich.table import Column
 
         self._bar = Progress(
             TextColumn("{task.description}"),
-            BarColumn(),
+            BarColumn(bar_width=20),
             MofNCompleteColumn(),
             TextColumn("{task.fields[rate]}"),
+            TextColumn("elapsed"),
+            TimeElapsedColumn(),
+            TextColumn("left"),
             TimeRemainingColumn(),
+            # The weight name goes last and is the one cell cut (with an ellipsis) when the
+            # terminal is narrow: the figures before it stay whole.
+            TextColumn(
+                "{task.fields[item]}",
+                table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1),
+            ),
             console=err_console(),
             transient=True,
         )
         self._bar.start()
-        self._task = self._bar.add_task(markup_escape(safe_text(description)), total=total, rate="")
+        self._task = self._bar.add_task(
+            markup_escape(safe_text(self.label or description)), total=total, rate="", item=""
+        )
+
+    def item(self, name: str) -> None:
+        """The weight now being worked on (shown at the end of the bar; names come from the
+        inputs, so control characters and markup are escaped)."""
+        if self._bar is not None:
+            from rich.markup import escape as markup_escape
+
+            self._bar.update(self._task, item=markup_escape(safe_text(name)))
 
     def advance(self, units: int = 1, nbytes: int = 0) -> None:
         self._bytes += nbytes

@@ -57,6 +57,7 @@ from typing import TYPE_CHECKING, Any
 
 from safelora_cli.errors import AdapterError
 from safelora_cli.naming import layer_index, natural_key
+from safelora_cli.progress import announce
 from safelora_cli.selection import Decision, Selection, round_cosine, select
 
 if TYPE_CHECKING:
@@ -582,6 +583,7 @@ def score_adapters(
                 raise RuntimeError(f"projector source yielded {got} for {req[0]!r}")
             tensor = getattr(proj, "tensor", None)
             nbytes = int(tensor.numel() * tensor.element_size()) if tensor is not None else 0
+            announce(progress, req[0])
             _score_group(adapters, users[req], req[0], proj, pending)
             del proj
             if progress is not None:

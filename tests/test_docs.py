@@ -3,8 +3,13 @@
 Conventions in README.md and docs/*.md (docs/index.md repeats them for writers):
 
 - A fenced ```` ```console ```` block is run. Each ``$ `` line is a command (a trailing ``\\``
-  continues it on the next line); other lines are sample output and are not checked. A command
-  is expected to exit 0, or the code given by a trailing ``# exit N`` comment.
+  continues it on the next line); the lines after it, up to the next command, are its output
+  and are compared with what it prints (:func:`output_matches`): its stdout, its stderr, or
+  both (either order), line by line. A line ``...`` stands for any number of lines, ``...``
+  inside a line for any text; absolute paths under the work tree are written
+  ``/home/me/safelora/...``; times (``1.2 s``) and byte counts (``3.4 MB``) are not compared.
+  A command without output lines is not compared. A command is expected to exit 0, or the
+  code given by a trailing ``# exit N`` comment.
 - A fenced ```` ```python ```` block right after the line ``<!-- docs-test: run -->`` is run
   as a script and must exit 0 (other python blocks are sketches, e.g. signatures).
 - A console block right after the line ``<!-- docs-test: skip -->`` is not run (Hub ids,
@@ -31,6 +36,7 @@ import shutil
 import subprocess
 import sys
 import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,6 +125,79 @@ def console_commands(text: str) -> list[tuple[str, int]]:
         m = EXIT_RE.search(cmd)
         cmds.append((cmd, int(m.group(1)) if m else 0))
     return cmds
+
+
+@dataclass(frozen=True)
+class Step:
+    """One ``$ `` command of a console block, its expected exit code and the output shown."""
+
+    cmd: str
+    code: int
+    expected: tuple[str, ...]
+
+
+def console_steps(text: str) -> list[Step]:
+    """The commands of a console block with the output lines the page shows after each."""
+    steps: list[Step] = []
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i].rstrip()
+        i += 1
+        if not line.startswith("$ "):
+            continue
+        cmd = line[2:]
+        while cmd.endswith("\\") and i < len(lines):
+            cmd = cmd[:-1].rstrip() + " " + lines[i].strip()
+            i += 1
+        out: list[str] = []
+        while i < len(lines) and not lines[i].startswith("$ "):
+            out.append(lines[i].rstrip())
+            i += 1
+        while out and not out[-1]:
+            out.pop()
+        m = EXIT_RE.search(cmd)
+        steps.append(Step(cmd, int(m.group(1)) if m else 0, tuple(out)))
+    return steps
+
+
+# What a page writes for the work tree, and what is not compared: durations and byte counts
+# (they change with the machine and with compression, not with the code's results).
+PAGE_ROOT = "/home/me/safelora"
+_TIME = re.compile(r"\b\d+(?:\.\d+)?\s?(?:ms|s)\b")
+_SIZE = re.compile(r"\b\d+(?:[.,]\d+)?\s?(?:B|kB|KB|MB|GB|TB|KiB|MiB|GiB|bytes)\b")
+
+
+def normalise(text: str, root: Path | None = None) -> list[str]:
+    """Lines of output or of a page, with the work tree, times and sizes made comparable."""
+    if root is not None:
+        for r in sorted({str(root), str(root.resolve())}, key=len, reverse=True):
+            text = text.replace(r, PAGE_ROOT)
+    text = _SIZE.sub("<size>", _TIME.sub("<time>", text))
+    lines = [ln.rstrip() for ln in text.splitlines()]
+    while lines and not lines[-1]:
+        lines.pop()
+    return lines
+
+
+def _pattern(expected: Sequence[str]) -> re.Pattern[str]:
+    parts = []
+    for line in expected:
+        if line.strip() == "...":
+            parts.append(r"(?:[^\n]*\n)*?")
+        else:
+            parts.append(r"[^\n]*".join(re.escape(p) for p in line.split("...")) + r"\n")
+    return re.compile("".join(parts))
+
+
+def output_matches(expected: Sequence[str], out: str, err: str, root: Path | None) -> bool:
+    """True when the page's lines match stdout, stderr, or both together (either order)."""
+    if not expected:
+        return True
+    pat = _pattern(normalise("\n".join(expected)))
+    o, e = normalise(out, root), normalise(err, root)
+    cands = (o, e, o + e, e + o)
+    return any(pat.fullmatch("".join(ln + "\n" for ln in c)) for c in cands)
 
 
 def shell_text(block: Block) -> str:
@@ -370,6 +449,31 @@ def test_convention_parser_reads_what_it_should() -> None:
     assert _resolve("safelora_cli.no_such_module") is None
 
 
+def test_output_comparison_catches_a_changed_number(tmp_path: Path) -> None:
+    """What the page shows must be what the command prints, up to times, sizes and paths."""
+    page = console_steps(
+        "$ safelora patch a -p c -o o\n"
+        "a: projected 3 of 8 modules; Pdst 0.9796\n"
+        "  ...\n"
+        "  written to /home/me/safelora/demo/o in 1.5 s (12.3 MB)\n"
+        "$ ls\n"
+    )
+    assert [s.cmd for s in page] == ["safelora patch a -p c -o o", "ls"]
+    assert page[1].expected == ()
+    want = page[0].expected
+    printed = (
+        "a: projected 3 of 8 modules; Pdst {}\n  x\n  y\n  written to {}/demo/o in 0.2 s (9.9 kB)\n"
+    )
+    assert output_matches(want, "", printed.format("0.9796", tmp_path), tmp_path)
+    assert not output_matches(want, "", printed.format("0.9793", tmp_path), tmp_path)
+    assert not output_matches(want, "", printed.format("0.9796", "/elsewhere"), tmp_path)
+    # stdout or stderr alone, or both in either order; "..." inside a line is any text.
+    assert output_matches(['{"pdst": 1.0, ...}'], '{"pdst": 1.0, "k": 3}\n', "note\n", None)
+    assert not output_matches(['{"pdst": 1.0, ...}'], '{"pdst": 0.99, "k": 3}\n', "", None)
+    assert output_matches(["out", "err"], "out\n", "err\n", None)
+    assert not output_matches(["out"], "out\nmore\n", "", None)
+
+
 # ----------------------------------------------------------------------------- running
 
 
@@ -379,7 +483,14 @@ def demo_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from safelora_cli.demo import build
 
     root = tmp_path_factory.mktemp("docs_demo")
-    build(root / "demo")
+    # Built from its parent with a relative path, as `make demo` does from the repository root,
+    # so the adapters' base_model_name_or_path reads "demo/aligned" as the pages show.
+    here = Path.cwd()
+    os.chdir(root)
+    try:
+        build(Path("demo"))
+    finally:
+        os.chdir(here)
     return root
 
 
@@ -503,7 +614,8 @@ def test_page_examples_run(
             rc, out, err = _run_python(block.text, {})
             problems += _check_output(block.where, "python block", rc, 0, out, err)
             continue
-        for cmd, want in console_commands(block.text):
+        for step in console_steps(block.text):
+            cmd, want = step.cmd, step.code
             simple = simple_command(cmd)
             if simple is None:
                 res = subprocess.run(
@@ -526,4 +638,10 @@ def test_page_examples_run(
                 (work / simple.redirect).write_text(out)
             json_lines = simple is not None and "--json" in simple.argv
             problems += _check_output(block.where, cmd, rc, want, out, err, json_lines=json_lines)
+            if not output_matches(step.expected, out, err, work):
+                shown = "\n".join(normalise(out + err, work))
+                problems.append(
+                    f"{block.where}: `{cmd}` printed something else than the page shows.\n"
+                    f"page:\n" + "\n".join(step.expected) + f"\nprinted:\n{shown}"
+                )
     assert not problems, "\n\n".join(problems)

@@ -243,8 +243,11 @@ def test_every_file_carried_over_and_metadata(tmp_path: Path) -> None:
     out = tmp_path / "out"
     [rep] = run_patch(ad, out, projections=cache, selection=Selection("num_layers", 2))
 
-    for f in ("adapter_config.json", "README.md", "tokenizer.json", "sub/notes.txt"):
+    for f in ("adapter_config.json", "tokenizer.json", "sub/notes.txt"):
         assert (out / f).read_bytes() == (ad / f).read_bytes(), f
+    # README.md is not copied but rewritten as the model card: the input's text is kept.
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n") and "# my adapter\n" in card and "safelora" in card
     assert not (out / ".git").exists()
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [

@@ -9,12 +9,17 @@ from typing import Annotated, Any
 
 import typer
 
-from safelora_cli.options import Device, Quiet, RevisionAligned, RevisionBase
+from safelora_cli.options import Device, Quiet, Representation, RevisionAligned, RevisionBase
 
 
 def command(
-    base: Annotated[str, typer.Argument(help="Base (unaligned) model: directory, file or Hub id.")],
-    aligned: Annotated[str, typer.Argument(help="Aligned model: directory, file or Hub id.")],
+    base: Annotated[
+        str,
+        typer.Argument(metavar="BASE", help="Base (unaligned) model: directory, file or Hub id."),
+    ],
+    aligned: Annotated[
+        str, typer.Argument(metavar="ALIGNED", help="Aligned model: directory, file or Hub id.")
+    ],
     output: Annotated[
         Path, typer.Option("--output", "-o", help="Cache directory to create or extend.")
     ],
@@ -35,6 +40,7 @@ def command(
     device: Device = "auto",
     revision_base: RevisionBase = None,
     revision_aligned: RevisionAligned = None,
+    representation: Representation = "auto",
     quiet: Quiet = False,
 ) -> None:
     """Stream BASE and ALIGNED one weight pair at a time and cache one projector per target.
@@ -59,6 +65,7 @@ def command(
             revision_aligned=revision_aligned,
             progress=RichProgress(quiet=quiet or not main),
             dist=dist,
+            representation=representation,
         )
     if main:
         status(summary.line(), quiet=quiet)

@@ -78,7 +78,11 @@ def _emit_table(
     groups: Sequence[Sequence[Sequence[str]]],
     styles: Sequence[Sequence[str | None]] | None = None,
 ) -> None:
-    """Print a table on stdout: plain text off a terminal, a rich table on one."""
+    """Print a table on stdout: plain text off a terminal, a rich table on one.
+
+    On a terminal too narrow for every column at full width, the rows are stacked instead
+    (:func:`_stacked_lines`): a cell is never cut and a column never dropped.
+    """
     # Names come from the inputs: escape control characters before measuring widths.
     groups = [[[render.safe_text(cell) for cell in row] for row in group] for group in groups]
     if render.is_plain():
@@ -90,6 +94,16 @@ def _emit_table(
     from rich.table import Table
     from rich.text import Text
 
+    console = render.out_console()
+    widths = [len(c.header) for c in cols]
+    for group in groups:
+        for row in group:
+            for i, cell in enumerate(row):
+                widths[i] = max(widths[i], len(cell))
+    if sum(widths) + 2 * (len(cols) - 1) > console.width:
+        for line in _stacked_lines(cols, groups, styles, console.width):
+            console.print(line, soft_wrap=True)  # an over-long name wraps, never is cut
+        return
     # One padding space plus the box's blank divider: two spaces between columns, as in plain
     # output, so a table that fits 80 columns in a pipe fits an 80-column terminal too.
     table = Table(
@@ -99,9 +113,8 @@ def _emit_table(
         padding=(0, 1, 0, 0),
         header_style="bold",
     )
-    for i, c in enumerate(cols):
-        last = i == len(cols) - 1
-        table.add_column(c.header, justify="right" if c.right else "left", no_wrap=not last)
+    for c in cols:
+        table.add_column(c.header, justify="right" if c.right else "left", no_wrap=True)
     row_no = 0
     for group in groups:
         for i, row in enumerate(group):
@@ -113,7 +126,49 @@ def _emit_table(
                 for cell, s in zip(row, style or [None] * len(row), strict=False)
             ]
             table.add_row(*cells, end_section=i == len(group) - 1)
-    render.out_console().print(table)
+    console.print(table)
+
+
+def _stacked_lines(
+    cols: Sequence[Col],
+    groups: Sequence[Sequence[Sequence[str]]],
+    styles: Sequence[Sequence[str | None]] | None,
+    width: int,
+) -> list[Any]:
+    """The compact layout for narrow terminals: one block per row.
+
+    The block's first line is the first two cells (``layer 3  self_attn.q_proj``); then every
+    other column as ``header value``, two spaces apart, wrapped at ``width`` between pairs
+    (never inside one), indented by 2. A blank line between groups (layers).
+    """
+    from rich.text import Text
+
+    out: list[Any] = []
+    row_no = 0
+    for gi, group in enumerate(groups):
+        if gi:
+            out.append(Text(""))
+        for row in group:
+            style = list(styles[row_no]) if styles is not None else [None] * len(row)
+            style += [None] * (len(row) - len(style))
+            row_no += 1
+            head = Text(f"{cols[0].header} {row[0].strip()}", style="bold")
+            if len(cols) > 1:
+                head.append(f"  {row[1]}", style=style[1] or "bold")
+            out.append(head)
+            line = Text("  ")
+            for i in range(2, len(cols)):
+                pair = Text(f"{cols[i].header} ")
+                pair.append(row[i], style=style[i] or "")
+                if len(line) > 2 and len(line) + 2 + len(pair) > width:
+                    out.append(line)
+                    line = Text("  ")
+                if len(line) > 2:
+                    line.append("  ")
+                line.append_text(pair)
+            if len(line) > 2:
+                out.append(line)
+    return out
 
 
 def _emit_lines(lines: Sequence[str]) -> None:
@@ -188,7 +243,7 @@ SCORE_COLS = (
 )
 
 
-def _score_row(m: Any) -> list[str]:
+def _score_row(m: Any, gate_t: float | None = None) -> list[str]:
     from safelora_cli.inspection import short_reason, split_name
 
     layer, short = split_name(m.name)
@@ -201,8 +256,21 @@ def _score_row(m: Any) -> list[str]:
         _num(m.scale, ".3g"),
         _norm(m.norm_dw),
         _cos(m.cosine),
-        short_reason(m),
+        short_reason(m) if gate_t is None else _gate_cell(m, gate_t),
     ]
+
+
+def _gate_cell(m: Any, t: float) -> str:
+    """The gate's verdict on one module, decided by :func:`safelora_cli.inspection.gate` itself
+    (fails closed: ``C B A = 0`` fails; ``B A = 0`` and ``V = 0`` pass as "no cosine")."""
+    from types import SimpleNamespace
+
+    from safelora_cli.inspection import gate
+
+    passed = gate([SimpleNamespace(adapter="", modules=[m])], t).passed
+    if m.cosine is None:
+        return "no cosine" if passed else "FAIL: CBA = 0"
+    return "pass" if passed else f"FAIL: < {t:g}"
 
 
 def _selection_lines(report: Any, defined: int) -> list[str]:
@@ -229,18 +297,43 @@ def _selection_lines(report: Any, defined: int) -> list[str]:
     return lines
 
 
-def _summary_lines(report: Any) -> list[str]:
+def _summary_lines(report: Any, gate_t: float | None = None) -> list[str]:
     defined = sum(1 for m in report.modules if m.cosine is not None)
     undefined = len(report.modules) - defined
+    if gate_t is not None:
+        from safelora_cli.inspection import gate
+
+        res = gate([report], gate_t)
+        orth = sum(1 for f in res.failures if f.cosine is None)
+        below = len(res.failures) - orth
+        first = (
+            f"gate --fail-below {gate_t:g}: {below} of {res.checked} modules have a cosine "
+            f"below {gate_t:g}"
+        )
+        if orth:
+            first += f", {orth} fail with C B A = 0"
+        if undefined - orth:
+            first += f" ({undefined - orth} without a cosine, not gated)"
+        sel = report.selection
+        return [
+            first,
+            f"(patch's default --num-layers {int(sel.value)} would project "
+            f"{report.projected} of {report.total}; Pdst {_num(report.pdst, '.5f')})",
+        ]
     first = f"projected {report.projected} of {report.total} modules"
     if undefined:
         first += f" ({undefined} without a cosine, never projected)"
     return [first, *_selection_lines(report, defined), f"Pdst {_num(report.pdst, '.5f')}"]
 
 
-def _render_reports(reports: Sequence[Any], sort: str, top: int | None) -> None:
+def _render_reports(
+    reports: Sequence[Any], sort: str, top: int | None, gate_t: float | None = None
+) -> None:
+    """Per-adapter tables and summaries. ``gate_t``: ``--fail-below`` without a selection
+    flag: the last column is the gate's verdict, not the default selection's."""
     from safelora_cli.inspection import order_modules, split_name
 
+    cols = SCORE_COLS if gate_t is None else (*SCORE_COLS[:-1], Col("gate"))
     for i, rep in enumerate(reports):
         if i:
             _emit_lines([""])
@@ -254,20 +347,31 @@ def _render_reports(reports: Sequence[Any], sort: str, top: int | None) -> None:
                 if layer != last or not groups:
                     groups.append([])
                     last = layer
-                groups[-1].append(_score_row(m))
+                groups[-1].append(_score_row(m, gate_t))
         else:
-            groups = [[_score_row(m) for m in rows]]
-        # Colour only on a terminal: projected rows stand out; plain output has none.
-        styles = [
-            [None] * 6 + (["red", "bold green"] if m.projected else [None, "dim"]) for m in rows
-        ]
-        _emit_table(SCORE_COLS, groups, styles)
+            groups = [[_score_row(m, gate_t) for m in rows]]
+        # Colour only on a terminal: projected (or failing) rows stand out; plain has none.
+        if gate_t is None:
+            styles = [
+                [None] * 6 + (["red", "bold green"] if m.projected else [None, "dim"]) for m in rows
+            ]
+        else:
+            styles = [
+                [None] * 6
+                + (
+                    ["red", "bold red"]
+                    if _gate_cell(m, gate_t).startswith("FAIL")
+                    else [None, "green" if m.cosine is not None else "dim"]
+                )
+                for m in rows
+            ]
+        _emit_table(cols, groups, styles)
         lines = []
         if hidden:
             lines.append(
                 f"({hidden} more rows not shown: --top {top} lists the {top} lowest cosines)"
             )
-        lines.extend(_summary_lines(rep))
+        lines.extend(_summary_lines(rep, gate_t))
         lines.extend(_skipped_lines(rep.skipped))
         _emit_lines(lines)
 
@@ -423,7 +527,8 @@ def _render_cache(c: Any) -> None:
 
 def command(
     adapters: Annotated[
-        list[str] | None, typer.Argument(help="Adapter directories or Hub ids (optional).")
+        list[str] | None,
+        typer.Argument(metavar="[ADAPTER]...", help="Adapter directories or Hub ids (optional)."),
     ] = None,
     projections: Projections = None,
     base: BaseOpt = None,
@@ -518,12 +623,15 @@ def command(
         device=device,
         revision_base=revision_base,
         revision_aligned=revision_aligned,
-        progress=render.RichProgress(quiet=quiet),
+        progress=render.RichProgress(quiet=quiet, label="scoring"),
     )
     if json_out:
         _emit_lines([json.dumps(r.to_json(), allow_nan=False) for r in reports])
     else:
-        _render_reports(reports, sort_key, top)
+        # A gate without a selection flag: the table shows the gate's verdict, not what the
+        # default --num-layers 10 would project (which says nothing about the gate).
+        no_selection = num_layers is None and threshold is None and fraction is None
+        _render_reports(reports, sort_key, top, fail_below if no_selection else None)
     if fail_below is not None:
         result = gate(reports, fail_below)
         if not result.passed:

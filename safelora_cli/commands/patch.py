@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -18,6 +18,7 @@ from safelora_cli.options import (
     NumLayers,
     Projections,
     Quiet,
+    Representation,
     RevisionAligned,
     RevisionBase,
     Threshold,
@@ -25,7 +26,9 @@ from safelora_cli.options import (
 
 
 def command(
-    adapters: Annotated[list[str], typer.Argument(help="Adapter directories or Hub ids.")],
+    adapters: Annotated[
+        list[str], typer.Argument(metavar="ADAPTER...", help="Adapter directories or Hub ids.")
+    ],
     output: Annotated[
         Path, typer.Option("--output", "-o", help="Output adapter (or parent) directory.")
     ],
@@ -42,6 +45,7 @@ def command(
     revision_base: RevisionBase = None,
     revision_aligned: RevisionAligned = None,
     quiet: Quiet = False,
+    representation: Representation = "auto",
     save_projections: Annotated[
         Path | None,
         typer.Option(
@@ -50,6 +54,14 @@ def command(
             "directory (reusable with -p).",
         ),
     ] = None,
+    allow_unchanged: Annotated[
+        bool,
+        typer.Option(
+            "--allow-unchanged",
+            help="Write an adapter even when none of its modules can be scored (all untrained, "
+            "DoRA, no alignment signal): an unchanged copy. Without it that is an error.",
+        ),
+    ] = False,
 ) -> None:
     """Project the selected LoRA modules of one or many adapters and write new adapters.
 
@@ -86,6 +98,8 @@ def command(
             save_projections=save_projections,
             progress=RichProgress(quiet=quiet or not main),
             dist=dist,
+            representation=representation,
+            allow_unchanged=allow_unchanged,
         )
     if not main:
         return  # rank 0 prints every adapter's result, in argument order
@@ -130,12 +144,8 @@ def _summary(reports: list) -> None:
             f"modules; Pdst {_fmt(rep.pdst, '.4f')}"
         )
         say(f"  selection: {rule}")
-        low = rep.lowest(3)
-        if low:
-            say("  lowest cosines:")
-            for m in low:
-                mark = "  projected" if m.projected else ""
-                say(f"    {m.rounded:.5f}  {escape(m.name)}{mark}")
+        for line in _module_lines(rep):
+            say(line)
         undefined = [m for m in rep.modules if m.cosine is None]
         if undefined:
             say(f"  no cosine (never projected): {len(undefined)}; see the report")
@@ -143,3 +153,32 @@ def _summary(reports: list) -> None:
             say(f"  carried over unchanged: {len(rep.skipped)} (embedding/DoRA/...)")
         where = "would be written to" if rep.dry_run else "written to"
         say(f"  {where} {escape(str(rep.output))}")
+
+
+# Modules named in the summary: every projected one up to this many (the rest are counted and
+# listed in the report), then the lowest cosines that were not projected (the margin).
+SHOW_PROJECTED = 10
+SHOW_KEPT = 3
+
+
+def _module_lines(rep: Any) -> list[str]:
+    """The summary's module lists: projected ones (lowest cosine first, the first
+    :data:`SHOW_PROJECTED` then ``+N more``), then the lowest cosines left as they were."""
+    from rich.markup import escape
+
+    ranked = rep.lowest(len(rep.modules))
+    chosen = [m for m in ranked if m.projected]
+    kept = [m for m in ranked if not m.projected]
+    where = "--json lists all" if rep.dry_run else "safelora_report.json"
+    lines: list[str] = []
+    if chosen:
+        lines.append("  would project:" if rep.dry_run else "  projected:")
+        lines.extend(f"    {m.rounded:.5f}  {escape(m.name)}" for m in chosen[:SHOW_PROJECTED])
+        if len(chosen) > SHOW_PROJECTED:
+            lines.append(f"    +{len(chosen) - SHOW_PROJECTED} more ({where})")
+    if kept:
+        lines.append("  not projected, lowest cosines:")
+        lines.extend(f"    {m.rounded:.5f}  {escape(m.name)}" for m in kept[:SHOW_KEPT])
+        if len(kept) > SHOW_KEPT:
+            lines.append(f"    +{len(kept) - SHOW_KEPT} more ({where})")
+    return lines
