@@ -10,9 +10,12 @@ Format: see ``docs/cache-format.md`` (DESIGN §5). Contract used by patch, inspe
 - :meth:`ProjectionCache.create_or_resume` ``(path, base, aligned, *, dtype)``: writable.
   A fresh directory gets a manifest with zero entries and ``"state": "in_progress"`` before any
   compute (created in a temporary sibling, then renamed), so it is never half-written and
-  unmarked. An existing cache is refused, with the difference explained, when its recorded
-  source fingerprints (``SourceSpec.fingerprint()``) or its dtype differ. A non-empty directory
-  that is not a cache is refused. One writer at a time: an exclusive ``flock`` on
+  unmarked. An existing cache is refused, with the difference said in words and both models
+  named, when its recorded source fingerprints (``SourceSpec.fingerprint()``: content, not file
+  times) or its dtype differ; when they match but the local files are not the very ones
+  recorded, every entry's ``source_sha256`` (the source tensors' digests) is checked against
+  ``readers`` first, so a byte-identical copy is accepted and other values are not. A non-empty
+  directory that is not a cache is refused. One writer at a time: an exclusive ``flock`` on
   ``.<name>.safelora-lock`` beside the cache (the directory itself when its parent is
   read-only), taken before the manifest is read or the directory created; a second writer gets
   a CacheError naming the holder. The new directory is renamed into place without replacing
@@ -83,6 +86,7 @@ MANIFEST = "manifest.json"
 IN_PROGRESS, COMPLETE = "in_progress", "complete"
 FLOAT_CODES = ("F32", "F64", "F16", "BF16")
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 _TMP_PREFIX = ".tmp-"
 _JOURNAL_PREFIX = ".journal-"
 
@@ -104,6 +108,9 @@ class CacheEntry:
     norm_v: float
     fan_in_fan_out: bool
     shape: tuple[int, ...]
+    # SHA-256 of the base and aligned tensors' stored bytes when the entry was computed (None
+    # in entries of older caches): what identifies the source weights by content.
+    source_sha256: tuple[str, str] | None = None
 
     @property
     def degenerate(self) -> bool:
@@ -117,7 +124,7 @@ class CacheEntry:
         return n
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "file": self.file,
             "representation": self.kind,
             "shape": list(self.shape),
@@ -127,6 +134,9 @@ class CacheEntry:
             "norm_v": self.norm_v,
             "fan_in_fan_out": self.fan_in_fan_out,
         }
+        if self.source_sha256 is not None:
+            out["source_sha256"] = dict(zip(("base", "aligned"), self.source_sha256, strict=True))
+        return out
 
 
 def entry_file_name(weight: str) -> str:
@@ -171,9 +181,17 @@ def _entry_from_json(weight: Any, d: Any, root: Path) -> CacheEntry:
         and isinstance(fifo, bool)
         and shape == stored_shape(kind, d_out, d_in)
     )
+    digests = d.get("source_sha256")
+    if digests is not None:
+        ok = ok and (
+            isinstance(digests, dict)
+            and set(digests) == {"base", "aligned"}
+            and all(isinstance(x, str) and _SHA256.fullmatch(x) for x in digests.values())
+        )
     if not ok:
         raise _corrupt(mp, f"entry {weight!r} is inconsistent ({d})")
-    return CacheEntry(weight, file, kind, d_out, d_in, dtype, float(norm_v), fifo, shape)
+    sha = (digests["base"], digests["aligned"]) if digests is not None else None
+    return CacheEntry(weight, file, kind, d_out, d_in, dtype, float(norm_v), fifo, shape, sha)
 
 
 def entry_mismatch(e: CacheEntry, r: CheckpointReader) -> str | None:
@@ -312,26 +330,156 @@ def _safetensors_chunks(
     return [len(raw).to_bytes(8, "little"), raw, data]
 
 
-def _diff(old: Any, new: Any, where: str = "") -> str | None:
-    """The first difference between two JSON values, as ``where: old != new``."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        for k in sorted(set(old) | set(new), key=str):
-            w = f"{where}.{k}" if where else str(k)
-            if k not in old:
-                return f"{w} is new"
-            if k not in new:
-                return f"{w} is gone"
-            d = _diff(old[k], new[k], w)
-            if d:
-                return d
-        return None
-    if old != new:
-        return f"{where}: {old!r} != {new!r}"
+def _source_label(recorded: dict[str, Any]) -> str:
+    """A source as a manifest records it (``SourceSpec.to_json()``): path or ``org/name@commit``."""
+    if recorded.get("kind") == "hub":
+        at = str(recorded.get("commit") or recorded.get("revision") or "main")[:12]
+        return f"Hub repo {recorded.get('repo_id')}@{at}"
+    return str(recorded.get("path") or recorded.get("arg") or "(unknown)")
+
+
+def _is_legacy(fp: dict[str, Any]) -> bool:
+    """A local fingerprint of safelora <= 0.1.0's caches: file sizes and ``mtime_ns`` only."""
+    files = fp.get("files")
+    return (
+        fp.get("kind") == "local"
+        and isinstance(files, dict)
+        and not any(isinstance(v, dict) and "header_sha256" in v for v in files.values())
+    )
+
+
+def _file_difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """In words, the first way two local content fingerprints' files differ (None: equal)."""
+    of, nf = old.get("files") or {}, new.get("files") or {}
+    for name in natural_sorted(set(of) | set(nf)):
+        if name not in nf:
+            return f"its shard {name} is missing"
+        if name not in of:
+            return f"it has a shard {name} that was not there"
+        o, n = of[name] or {}, nf[name] or {}
+        if o.get("size") != n.get("size"):
+            return (
+                f"its shard {name} has another size ({n.get('size')} bytes, was "
+                f"{o.get('size')}): its tensors changed"
+            )
+        if o.get("header_sha256") != n.get("header_sha256"):
+            return f"its shard {name} has a different header (its tensors changed)"
     return None
 
 
-def _json_roundtrip(obj: Any) -> Any:
-    return json.loads(json.dumps(obj))
+def _not_the_source(path: Path, label: str, was: str, now: str, why: str) -> CacheError:
+    """The refusal of a local ``label`` whose content is not what the cache was built from."""
+    if was == now:
+        return CacheError(
+            f"projection cache {path}: the {label} {now} changed since the cache was built "
+            f"from it: {why}",
+            hint=f"build a new cache elsewhere (-o NEW_DIR), or delete {path} and run "
+            "compute-projections again",
+            path=path,
+        )
+    return CacheError(
+        f"projection cache {path}: the {label} {now} is not the model it was built from "
+        f"({was}): {why}",
+        hint=f"pass the {label} the cache was built from ({was}), or build a new cache "
+        "elsewhere (-o NEW_DIR)",
+        path=path,
+    )
+
+
+def _source_problem(
+    path: Path, label: str, old: Any, recorded: Any, spec: Any
+) -> tuple[CacheError | None, bool]:
+    """Whether the cache at ``path`` may take entries from ``spec`` (a SourceSpec) for one side.
+
+    ``old`` is the fingerprint the manifest records, ``recorded`` its ``sources`` record.
+    Returns (the refusal, or None; whether the entries' source digests must be checked against
+    the given tensors: same content fingerprint, but not the very files it was built from).
+    """
+    recorded = recorded if isinstance(recorded, dict) else {}
+    was, now = _source_label(recorded), _source_label(spec.to_json())
+    elsewhere = "or build a new cache elsewhere (-o NEW_DIR)"
+    new = spec.fingerprint()
+
+    def refuse(what: str, hint: str) -> tuple[CacheError, bool]:
+        return CacheError(f"projection cache {path}: {what}", hint=hint, path=path), False
+
+    if not isinstance(old, dict) or old.get("kind") not in ("local", "hub"):
+        return refuse(
+            f"{MANIFEST} records no fingerprint of the {label}",
+            "the cache is damaged; delete it and run safelora compute-projections again",
+        )
+    if _is_legacy(old):
+        if spec.same_files(old):
+            return None, False
+        return refuse(
+            f"it was built by an older safelora, which knew the {label} {was} only by its files' "
+            f"sizes and times, and those of {now} differ (a copy or a new download?)",
+            f"rebuild it: delete {path} or choose a new -o, then run compute-projections",
+        )
+    if old["kind"] != new["kind"] or old.get("repo_id") != new.get("repo_id"):
+        return refuse(
+            f"it was built from the {label} {was}, not from {now}",
+            f"pass the {label} the cache was built from ({was}), {elsewhere}",
+        )
+    if new["kind"] == "hub":
+        if old.get("commit") != new.get("commit"):
+            flag = "--revision-base" if label.startswith("base") else "--revision-aligned"
+            return refuse(
+                f"it was built from the {label} {was}, but {spec.arg} is now at commit "
+                f"{str(new.get('commit'))[:12]} (the repo changed)",
+                f"pass {flag} {old.get('commit')} to use the commit it was built from, "
+                + elsewhere,
+            )
+        return None, False
+    why = _file_difference(old, new)
+    if why is not None:
+        return _not_the_source(path, label, was, now, why), False
+    return None, not spec.same_files(recorded)
+
+
+def _source_checks(path: Path, m: dict[str, Any], base: Any, aligned: Any) -> list[tuple]:
+    """Refuse (CacheError, in words) when ``base``/``aligned`` are not the models of manifest
+    ``m``; return the sides whose entries' digests must still be checked against the tensors
+    (``(index, label, recorded source, SourceSpec)``)."""
+    old = m.get("fingerprints") if isinstance(m.get("fingerprints"), dict) else {}
+    check = []
+    for i, (side, spec) in enumerate((("base", base), ("aligned", aligned))):
+        recorded = m["sources"].get(side)
+        err, verify = _source_problem(path, f"{side} model", old.get(side), recorded, spec)
+        if err is not None:
+            raise err
+        if verify:
+            check.append((i, f"{side} model", recorded, spec))
+    return check
+
+
+def _verify_sources(
+    path: Path, entries: dict[str, CacheEntry], sides: Sequence[tuple[int, str, Any, Any, Any]]
+) -> None:
+    """CacheError unless every entry's recorded source digests match the given tensors.
+
+    ``sides``: ``(index into source_sha256, label, recorded source, SourceSpec, reader)``.
+    Reads each cached weight's tensor once per side (what recomputing it would read, without
+    the compute).
+    """
+    from safelora_cli.sources import tensor_sha256
+
+    for i, label, recorded, spec, reader in sides:
+        was = _source_label(recorded if isinstance(recorded, dict) else {})
+        now = _source_label(spec.to_json())
+        for w in natural_sorted(entries):
+            e = entries[w]
+            if e.source_sha256 is None:
+                raise CacheError(
+                    f"projection cache {path}: its entry {w} does not record which {label} "
+                    f"bytes it came from, so the {label} cannot be matched by content",
+                    hint=f"pass the {label} the cache was built from ({was}), or build a new "
+                    "cache elsewhere (-o NEW_DIR)",
+                    path=path,
+                )
+            if w not in reader or tensor_sha256(reader, w) != e.source_sha256[i]:
+                why = f"{w} has other values (same layout, other weights)"
+                raise _not_the_source(path, label, was, now, why)
 
 
 def _dtype_code_of(dtype: Any) -> str:
@@ -465,12 +613,18 @@ class ProjectionCache:
         *,
         dtype: torch.dtype | str | None = None,
         device: str | torch.device = "cpu",
+        readers: Sequence[CheckpointReader] | None = None,
     ) -> ProjectionCache:
         """Open ``path`` for writing: a new cache, or an existing one built from the same sources.
 
         ``base``/``aligned`` are :class:`safelora_cli.sources.SourceSpec`. ``dtype`` (default
         float32) is the stored dtype. CacheError when the directory holds something else or a
-        cache built from other weights/revisions or another dtype.
+        cache built from other weights/revisions or another dtype, with the difference in
+        words. Sources are matched by content (``SourceSpec.fingerprint()``): a byte-identical
+        copy is accepted. When a local source's files are not the very ones the cache was built
+        from (size or ``mtime_ns`` differ) the entries' recorded source digests are checked
+        against the tensors of ``readers`` (``(base, aligned)`` CheckpointReaders; without
+        them such a source is refused).
         """
         p = Path(path)
         code = _dtype_code_of(dtype)
@@ -487,7 +641,9 @@ class ProjectionCache:
         _make_parents(p)
         lock = cls._lock(p)
         try:
-            return cls._create_or_resume(p, lock, code, sources, prints, device)
+            return cls._create_or_resume(
+                p, lock, code, sources, prints, device, (base, aligned), readers
+            )
         except BaseException:
             lock.release()
             raise
@@ -501,18 +657,12 @@ class ProjectionCache:
         sources: dict[str, Any],
         prints: dict[str, Any],
         device: str | torch.device,
+        specs: tuple[Any, Any],
+        readers: Sequence[CheckpointReader] | None,
     ) -> ProjectionCache:
         if p.is_dir() and (p / MANIFEST).exists():
             m, entries = cls._load(p)
-            old = _json_roundtrip(m.get("fingerprints"))
-            for side, label in (("base", "base model"), ("aligned", "aligned model")):
-                d = _diff(old.get(side) if isinstance(old, dict) else None, prints[side])
-                if d is not None:
-                    raise CacheError(
-                        f"projection cache {p} was built from another {label} ({d})",
-                        hint="use a new -o directory, or delete the cache to rebuild it",
-                        path=p,
-                    )
+            check = _source_checks(p, m, *specs)  # refuses other models, in words
             if m["dtype"] != code:
                 raise CacheError(
                     f"projection cache {p} stores {m['dtype']}, not the requested {code}",
@@ -520,6 +670,9 @@ class ProjectionCache:
                     path=p,
                 )
             cache = cls(p, m, entries, writable=True, device=device, lock_fd=lock)
+            # A copy of the models: its tensors against the entries' digests (on failure the
+            # caller releases the lock).
+            cache._verify_sources(check, readers)
             # Refresh provenance fields that are not part of the fingerprint (e.g. the path
             # spelling); what must match already did.
             cache._manifest["sources"] = sources
@@ -676,6 +829,23 @@ class ProjectionCache:
                 continue
         return out
 
+    def _verify_sources(self, check: list[tuple], readers: Sequence[Any] | None) -> None:
+        """Check every entry, journalled ones included, against ``readers`` for the sides in
+        ``check`` (from :func:`_source_checks`); CacheError naming the first that differs."""
+        if not check:
+            return
+        # What a killed multi-process run journalled is adopted by _cleanup: check it too.
+        every = {e.weight: e for e in self._journal_entries()} | self._entries
+        if not every:
+            return
+        if readers is None:
+            raise CacheError(
+                f"projection cache {self.path}: the {check[0][1]}'s files are not the ones it "
+                "was built from, and no readers were given to compare tensors",
+                path=self.path,
+            )
+        _verify_sources(self.path, every, [(*c, readers[c[0]]) for c in check])
+
     def _cleanup(self) -> None:
         """Drop temporaries of a killed run and entries whose files are gone or damaged.
 
@@ -831,7 +1001,13 @@ class ProjectionCache:
         self._manifest["weights"] = {w: e.to_json() for w, e in ordered}
         _write_atomic(self.path / MANIFEST, [_dumps(self._manifest)])
 
-    def put(self, projector: Projector, *, written: Callable[[], None] | None = None) -> CacheEntry:
+    def put(
+        self,
+        projector: Projector,
+        *,
+        written: Callable[[], None] | None = None,
+        source_sha256: tuple[str, str] | None = None,
+    ) -> CacheEntry:
         """Write one entry (file first, then the manifest naming it); returns the entry.
 
         The tensor is cast to the cache dtype and brought to the CPU. Replaces an existing
@@ -839,14 +1015,21 @@ class ProjectionCache:
         ``written`` is called once the tensor's bytes are written, before the fsyncs: from
         then on ``put`` does not read the tensor again, so its memory may be reused (the
         compute stream hands the buffer to the next weight). It is called on failure too.
+        ``source_sha256``: SHA-256 of the base and aligned tensors' stored bytes the projector
+        was computed from (recorded; what a later run from a copy of the models is checked by).
         """
         once = _once(written)
         try:
-            return self._put(projector, once)
+            return self._put(projector, once, source_sha256)
         finally:
             once()
 
-    def _put(self, projector: Projector, written: Callable[[], None]) -> CacheEntry:
+    def _put(
+        self,
+        projector: Projector,
+        written: Callable[[], None],
+        source_sha256: tuple[str, str] | None = None,
+    ) -> CacheEntry:
         self._need_writable()
         pr = projector
         want = stored_shape(pr.kind, pr.d_out, pr.d_in)
@@ -883,6 +1066,7 @@ class ProjectionCache:
             float(pr.norm_v),
             pr.fan_in_fan_out,
             want,
+            source_sha256,
         )
         self._entries[pr.weight] = e
         if self._journal is not None:

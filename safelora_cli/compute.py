@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import re
 import shutil
 import sys
@@ -257,6 +258,7 @@ class _PairStream:
         pool: BufferPool | None = None,
         pooled_output: bool = False,
         representation: str = "auto",
+        digests: dict[str, tuple[Any, Any]] | None = None,
     ):
         from safelora_cli.buffers import BufferPool
 
@@ -266,6 +268,12 @@ class _PairStream:
         self.pool = pool if pool is not None else BufferPool()
         self.pooled_output = pooled_output
         self.representation = representation
+        # When given: weight -> SHA-256 of the (base, aligned) bytes read, for the cache entry
+        # (:meth:`take_digests`). On the CPU they are hashed on the prefetch thread while the
+        # previous projector is computed; for a GPU, whose compute is quick, on two threads of
+        # their own, so hashing (~1.4 GB/s per thread) does not slow the reads down.
+        self.digests = digests
+        self._hasher: ThreadPoolExecutor | None = None
 
     def kind(self, t: Target) -> str:
         """The stored form of ``t``'s projector on this stream's device."""
@@ -287,6 +295,8 @@ class _PairStream:
             try:
                 wb = self.base.load_into(t.weight, parts[0])
                 wa = self.aligned.load_into(t.weight, parts[1])
+                if self.digests is not None:
+                    self.digests[t.weight] = (_sha256(parts[0]), _sha256(parts[1]))
                 alignment_delta_serial(wb, wa, fan_in_fan_out=t.fan_in_fan_out, out=v)
             except BaseException:
                 pool.give(v)
@@ -299,7 +309,26 @@ class _PairStream:
         wa = self.aligned.load(t.weight)
         if self.device.type == "cuda":
             wb, wa = wb.pin_memory(), wa.pin_memory()
+        if self.digests is not None:
+            if self._hasher is None:
+                self._hasher = ThreadPoolExecutor(2, thread_name_prefix="safelora-hash")
+            hb, ha = self._hasher.submit(_sha256, wb), self._hasher.submit(_sha256, wa)
+            self.digests[t.weight] = (hb, ha)
         return (t, wb, wa)
+
+    def take_digests(self, weight: str) -> tuple[str, str] | None:
+        """SHA-256 of ``weight``'s (base, aligned) bytes as read; None when not recorded."""
+        d = self.digests.pop(weight, None) if self.digests is not None else None
+        if d is None:
+            return None
+        b, a = (x.result() if isinstance(x, Future) else x for x in d)
+        return (b, a)
+
+    def close(self) -> None:
+        """Stop the hashing threads (if any were started)."""
+        if self._hasher is not None:
+            self._hasher.shutdown(wait=True)
+            self._hasher = None
 
     def compute(self, box: list[_Item], *, dtype: Any = None) -> Projector:
         """The projector of the item in ``box`` (emptied, so its memory goes early)."""
@@ -421,6 +450,13 @@ def schedule(
     for i in range(max(len(grams), len(factors))):
         out += [x[i] for x in (grams, factors) if i < len(x)]
     return out
+
+
+def _sha256(t: torch.Tensor) -> str:
+    """SHA-256 of a contiguous CPU tensor's bytes (as stored in the checkpoint file)."""
+    import torch
+
+    return hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy()).hexdigest()
 
 
 def _peek_present(cache_dir: Path) -> set[str]:
@@ -578,7 +614,9 @@ def _stream_into(
     # Every buffer has the size of the largest float32 delta, so any free one serves any
     # weight (a projector is never larger than its delta).
     pool = BufferPool(max((4 * t.d_out * t.d_in for t in todo), default=0))
-    stream = _PairStream(rb, ra, dev, pool=pool, pooled_output=True, representation=representation)
+    stream = _PairStream(
+        rb, ra, dev, pool=pool, pooled_output=True, representation=representation, digests={}
+    )
     done = 0
     progress.start(len(todo), "computing projections")
 
@@ -604,12 +642,14 @@ def _stream_into(
                 if pending is not None:
                     written(*pending)
                 release = functools.partial(pool.give, pr.tensor)
-                pending = (wx.submit(cache.put, pr, written=release), t)
+                sha = stream.take_digests(t.weight)
+                pending = (wx.submit(cache.put, pr, written=release, source_sha256=sha), t)
                 del pr, release
             if pending is not None:
                 written(*pending)
     finally:
         progress.finish()
+        stream.close()
         pool.clear()
     return done
 
@@ -629,9 +669,9 @@ def _run(
 ) -> ComputeSummary:
     from safelora_cli.cache import ProjectionCache
 
-    cache = ProjectionCache.create_or_resume(cache_dir, sb, sa, dtype=dtype)
+    read0 = rb.bytes_read + ra.bytes_read  # checking a copy's tensors counts as read
+    cache = ProjectionCache.create_or_resume(cache_dir, sb, sa, dtype=dtype, readers=(rb, ra))
     created = cache.created
-    read0 = rb.bytes_read + ra.bytes_read
     degenerate: list[str] = []
     todo: list[Target] = []
     done = 0
@@ -801,7 +841,9 @@ def _run_distributed(
     # 1. Rank 0 owns the cache (lock, manifest) and splits the missing weights.
     if dist.is_main:
         try:
-            cache = ProjectionCache.create_or_resume(cache_dir, sb, sa, dtype=dtype)
+            cache = ProjectionCache.create_or_resume(
+                cache_dir, sb, sa, dtype=dtype, readers=(rb, ra)
+            )
             cache.require([(t.weight, t.fan_in_fan_out) for t in tlist if cache.has(t.weight)])
             todo = [t for t in tlist if not cache.has(t.weight)]
             shares = split_targets(todo, rb, ra, dist.world_size, dev.type, representation)

@@ -184,7 +184,13 @@ def open_projector_source(
         source.require(requests)  # headers only: shapes, dtypes, presence, before any compute
         sources = {"base": provenance(base_spec), "aligned": provenance(aligned_spec)}
         if save_projections is not None:
-            source = SavingSource(source, save_projections, base_spec, aligned_spec)
+            source = SavingSource(
+                source,
+                save_projections,
+                base_spec,
+                aligned_spec,
+                readers=(base_reader, aligned_reader),
+            )
         try:
             yield source, weight_for, sources
         except BaseException:
@@ -205,11 +211,24 @@ def open_projector_source(
 class SavingSource:
     """A ProjectorSource wrapper that also writes every projector into a projection cache."""
 
-    def __init__(self, inner: Any, path: Path, base_spec: Any, aligned_spec: Any) -> None:
+    def __init__(
+        self,
+        inner: Any,
+        path: Path,
+        base_spec: Any,
+        aligned_spec: Any,
+        *,
+        readers: tuple[Any, Any] | None = None,
+    ) -> None:
         from safelora_cli.cache import ProjectionCache
 
         self.inner = inner
-        self.cache = ProjectionCache.create_or_resume(Path(path), base_spec, aligned_spec)
+        # (base, aligned) CheckpointReaders: each entry records its source tensors' digests, and
+        # an existing cache built from a copy of the models is checked against them.
+        self.readers = readers
+        self.cache = ProjectionCache.create_or_resume(
+            Path(path), base_spec, aligned_spec, readers=readers
+        )
 
     def get(self, weight: str, *, fan_in_fan_out: bool = False) -> Any:
         p = self.inner.get(weight, fan_in_fan_out=fan_in_fan_out)
@@ -223,7 +242,13 @@ class SavingSource:
 
     def _put(self, p: Any) -> None:
         if not self.cache.has(p.weight):
-            self.cache.put(p)
+            sha = None
+            if self.readers is not None:
+                from safelora_cli.sources import tensor_sha256
+
+                b, a = (tensor_sha256(r, p.weight) for r in self.readers)
+                sha = (b, a)
+            self.cache.put(p, source_sha256=sha)
 
     def finish(self) -> None:
         self.cache.finish()

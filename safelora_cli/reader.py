@@ -58,10 +58,62 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
-CONVERT_HINT = (
-    'convert it to safetensors first, e.g. python -c "from transformers import AutoModel; '
-    "AutoModel.from_pretrained('DIR').save_pretrained('OUT', safe_serialization=True)\""
+# Writes model.safetensors (or model-0000x-of-0000y.safetensors + model.safetensors.index.json)
+# beside pytorch_model.bin (or its shards + pytorch_model.bin.index.json) in the directory
+# given as its argument, keeping every key name (AutoModel.from_pretrained(...).save_pretrained
+# would strip the ``model.`` prefix and drop ``lm_head``). Each tensor is cloned contiguous, so
+# tied (shared) tensors and strided views save. No ``$``, ``!`` or backquote: it is pasted
+# into shells. tests/test_ux_sources.py runs it, literally, on transformers-format pickles.
+CONVERT_PROGRAM = (
+    "import json,sys,torch,pathlib;from safetensors.torch import save_file;"
+    "d=pathlib.Path(sys.argv[1]);i=d/'pytorch_model.bin.index.json';"
+    "m=json.loads(i.read_text())['weight_map'] if i.exists() else {};"
+    "n=lambda b:b.replace('pytorch_model','model').replace('.bin','.safetensors');"
+    "[save_file({k:v.clone(memory_format=torch.contiguous_format) for k,v in "
+    "torch.load(d/b,map_location='cpu',weights_only=True).items()},d/n(b),{'format':'pt'}) "
+    "for b in sorted(set(m.values())) or ['pytorch_model.bin']];"
+    "m and (d/'model.safetensors.index.json').write_text(json.dumps("
+    "{'metadata':{},'weight_map':{k:n(v) for k,v in m.items()}}))"
 )
+
+
+# One pickled file of another name (``weights.pt``) to one safetensors file, keys kept.
+CONVERT_FILE_PROGRAM = (
+    "import sys,torch;from safetensors.torch import save_file;"
+    "save_file({k:v.clone(memory_format=torch.contiguous_format) for k,v in "
+    "torch.load(sys.argv[1],map_location='cpu',weights_only=True).items()},sys.argv[2],"
+    "{'format':'pt'})"
+)
+
+
+def convert_command(path: str | Path) -> str:
+    """The shell command that converts the pickled model at ``path`` to safetensors.
+
+    A directory (or a ``pytorch_model*.bin`` in one): :data:`CONVERT_PROGRAM` on the
+    directory. Any other pickled file: :data:`CONVERT_FILE_PROGRAM` to ``<stem>.safetensors``
+    beside it.
+    """
+    import shlex
+
+    p = Path(path)
+    if p.suffix in PICKLE_SUFFIXES and not p.name.startswith("pytorch_model"):
+        out = shlex.quote(str(p.with_suffix(".safetensors")))
+        return f'python -c "{CONVERT_FILE_PROGRAM}" {shlex.quote(str(p))} {out}'
+    d = p.parent if p.suffix in PICKLE_SUFFIXES else p
+    return f'python -c "{CONVERT_PROGRAM}" {shlex.quote(str(d))}'
+
+
+def convert_hint(path: str | Path) -> str:
+    """The hint for the pickled model at ``path``: the command that converts it, keys kept."""
+    p = Path(path)
+    if p.suffix in PICKLE_SUFFIXES and not p.name.startswith("pytorch_model"):
+        where = f"then pass {p.with_suffix('.safetensors')}"
+    else:
+        where = "then pass the same directory again"
+    return f"convert it to safetensors (key names kept), {where}: {convert_command(p)}"
+
+
+CONVERT_HINT = convert_hint("DIR")
 
 # safetensors dtype code -> bytes per element.
 DTYPE_SIZES: dict[str, int] = {
@@ -515,7 +567,7 @@ class CheckpointReader:
 
     @staticmethod
     def _pickle_error(path: Path, label: str) -> CheckpointError:
-        hint = CONVERT_HINT
+        hint = convert_hint(path)
         if path.name.startswith("adapter_model"):
             hint = (
                 "load PEFT adapters with safelora_cli.adapter.load_adapter (it reads a legacy "

@@ -15,26 +15,41 @@ Environment, read at call time (not at import): ``HF_HUB_OFFLINE`` / ``TRANSFORM
 huggingface_hub's own lookup when none of these is set).
 
 Fingerprints (what a projection cache must match, see :meth:`SourceSpec.fingerprint`):
-- local: the weight files' names relative to the checkpoint directory, sizes and ``mtime_ns``.
-  The absolute path is *not* part of it, so moving or renaming a checkpoint directory keeps a
-  cache valid, while rewriting, touching or copying its files (new mtimes) invalidates it.
+- local: by content, not by file times: each ``.safetensors`` file's name relative to the
+  checkpoint directory, its size and the SHA-256 of its header (the 8-byte length and the JSON
+  header: every tensor's name, dtype, shape and offsets). The absolute path and ``mtime_ns`` are
+  *not* part of it, so a moved, renamed or byte-identical copy (``cp -r``, a second download)
+  of a checkpoint matches. Headers do not cover tensor values; the cache therefore also
+  records, per entry, the SHA-256 of both source tensors' bytes (:func:`tensor_sha256`), and
+  checks those when the files are not the very ones it was built from (size or ``mtime_ns``
+  differ; see ``safelora_cli.cache``).
 - hub: the repository id and the resolved commit sha.
 
+Local arguments come first: an argument is a Hub id only when no such local path exists, and
+a Hub failure for it says so first (a mistyped ``adapters/qvv`` is named as a missing path,
+then as what the Hub said). A local directory of the wrong kind (an adapter or a projection
+cache given as a model, a cache or a model given as an adapter) is refused naming its kind
+(:func:`input_kind`).
+
 Every failure is a one-line :class:`SourceError` (or :class:`CheckpointError` for a pickled
-model) with a hint.
+model or an input that is not a model, :class:`AdapterError` for one that is not an adapter)
+with a hint.
 """
 
 from __future__ import annotations
 
+import contextlib
+import difflib
+import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from safelora_cli.errors import CheckpointError, SourceError
+from safelora_cli.errors import AdapterError, CheckpointError, SourceError
 from safelora_cli.naming import natural_sorted
 from safelora_cli.reader import (
     CONVERT_HINT,
@@ -107,21 +122,44 @@ class SourceSpec:
         )
 
     def fingerprint(self) -> dict:
-        """What must be equal for a cache built from this source to be reused.
+        """What must be equal for a cache built from this source to be reused (by content).
 
-        Local: ``{"kind": "local", "files": {name: {"size", "mtime_ns"}}}`` over the weight files
-        (names relative to the checkpoint directory; the absolute path is deliberately left
-        out). Hub: ``{"kind": "hub", "repo_id", "commit"}``.
+        Local: ``{"kind": "local", "files": {name: {"size", "header_sha256"}}}`` over the
+        ``.safetensors`` files (names relative to the checkpoint directory; the absolute path,
+        the index and the files' times are deliberately left out, so an identical copy
+        matches). Hub: ``{"kind": "hub", "repo_id", "commit"}``.
         """
         if self.kind == "hub":
             return {"kind": "hub", "repo_id": self.repo_id, "commit": self.commit}
         return {
             "kind": "local",
             "files": {
-                k: {"size": v.get("size"), "mtime_ns": v.get("mtime_ns")}
+                k: {"size": v.get("size"), "header_sha256": v.get("header_sha256")}
                 for k, v in sorted(self.files.items())
+                if "header_sha256" in v
             },
         }
+
+    def same_files(self, recorded: dict) -> bool:
+        """True when ``recorded`` (a :meth:`to_json` of an earlier run) names these very files.
+
+        Local only: the same resolved path (when ``recorded`` has one), and every weight file
+        has the recorded size and ``mtime_ns`` (untouched since; what a cache may trust without
+        reading tensor bytes again). Models unpacked from one archive can share file times, so
+        the path is part of it: base and aligned given the other way round are not "the same".
+        """
+        if self.kind != "local" or recorded.get("kind") != "local":
+            return False
+        if recorded.get("path") not in (None, self.path):
+            return False
+        old = recorded.get("files") or {}
+        if set(old) != set(self.files):
+            return False
+        return all(
+            (old[k] or {}).get("size") == v.get("size")
+            and (old[k] or {}).get("mtime_ns") == v.get("mtime_ns")
+            for k, v in self.files.items()
+        )
 
     def describe(self) -> str:
         """A short human label: the path, or ``org/name@commit``."""
@@ -192,17 +230,166 @@ def _classify(arg: str, *, what: str) -> Path | str:
         return p
     if is_repo_id(arg):
         return arg
+    why, guess = _nearby(p)
     raise SourceError(
-        f"{what} {arg!r} does not exist and is not a Hub id (org/name)",
-        hint="pass an existing directory or .safetensors file, or a Hub id like org/name",
+        f"{what} {arg!r} does not exist ({why}) and is not a Hub id (org/name)",
+        hint=(f"did you mean {guess}? " if guess else "")
+        + "pass an existing directory or .safetensors file, or a Hub id like org/name",
         path=arg,
     )
+
+
+def _nearby(p: Path) -> tuple[str, str | None]:
+    """Why local path ``p`` does not exist, in words, and the closest existing spelling."""
+    missing = p
+    while not (missing.parent.exists() or missing.parent == missing):
+        missing = missing.parent
+    parent = missing.parent
+    where = "the current directory" if str(parent) in ("", ".") else f"{parent}/"
+    try:
+        names = sorted(q.name for q in parent.iterdir()) if parent.is_dir() else []
+    except OSError:
+        names = []
+    close = difflib.get_close_matches(missing.name, names, n=1, cutoff=0.6)
+    guess = None
+    if close:
+        rest = p.relative_to(missing)
+        guess = str(parent / close[0] if rest == Path(".") else parent / close[0] / rest)
+    return f"{where} has no {missing.name}", guess
+
+
+@contextlib.contextmanager
+def _local_first(arg: str, label: str) -> Iterator[None]:
+    """A Hub failure for an argument that names no local path says that first.
+
+    ``adapters/qvv`` may be a mistyped path as well as a Hub id: the message says no such
+    path exists (and the closest name that does), then what the Hub said.
+    """
+    try:
+        yield
+    except SourceError as e:
+        why, guess = _nearby(Path(arg).expanduser())
+        hub = e.message.removeprefix(f"{label}: ")
+        hint = f"did you mean {guess}? " if guess else "check the path; "
+        hint += f"for a Hub repo: {e.hint}" if e.hint else "or give an existing Hub id"
+        raise SourceError(
+            f"{label}: no local path {arg} ({why}); as a Hub id: {hub}", hint=hint, path=arg
+        ) from None
+
+
+def _model_marker(d: Path) -> str | None:
+    """The file that makes directory ``d`` a model checkpoint (weights of any format), if any."""
+    for name in (INDEX_NAME, SINGLE_NAME):
+        if (d / name).is_file():
+            return name
+    for pattern in ("*.safetensors.index.json", "model-*-of-*.safetensors", "pytorch_model*.bin"):
+        found = sorted(q.name for q in d.glob(pattern) if q.is_file())
+        if found:
+            return found[0]
+    return None
+
+
+def _is_cache_dir(d: Path) -> bool:
+    from safelora_cli.cache import FORMAT_NAME, MANIFEST
+
+    try:
+        with open(d / MANIFEST, "rb") as fh:
+            return FORMAT_NAME.encode() in fh.read(4096)  # "format" is the manifest's first key
+    except OSError:
+        return False
+
+
+def input_kind(path: str | Path) -> Literal["adapter", "cache", "model"] | None:
+    """What a local directory (or the directory of a file) holds, from its marker files.
+
+    ``"cache"``: a safelora projection cache (``manifest.json``); ``"adapter"``: a PEFT adapter
+    (``adapter_config.json`` and no model weights); ``"model"``: model weights
+    (``model.safetensors``, an index, shards or ``pytorch_model*.bin``) and no
+    ``adapter_config.json``. None when it is none of these or both an adapter and a model.
+    """
+    p = Path(path).expanduser()
+    d = p if p.is_dir() else p.parent
+    if _is_cache_dir(d):
+        return "cache"
+    adapter = (d / ADAPTER_CONFIG).is_file()
+    model = _model_marker(d) is not None
+    if adapter and not model:
+        return "adapter"
+    if model and not adapter:
+        return "model"
+    return None
+
+
+def _refuse_as_model(path: Path, arg: str, label: str) -> None:
+    """CheckpointError when ``path`` is an adapter or a projection cache, not a model."""
+    kind = input_kind(path)
+    if kind == "adapter":
+        raise CheckpointError(
+            f"{label}: {arg} is a LoRA adapter (it has {ADAPTER_CONFIG}), not a model; "
+            "pass it as ADAPTER",
+            hint="BASE and ALIGNED are full model checkpoints (config.json and "
+            f"{SINGLE_NAME} or {INDEX_NAME}), such as the model the adapter was trained on",
+            path=arg,
+        )
+    if kind == "cache":
+        raise CheckpointError(
+            f"{label}: {arg} is a projection cache (it has manifest.json), not a model; "
+            "pass it with -p",
+            hint="patch and inspect take a cache as -p CACHE; BASE and ALIGNED are model "
+            f"checkpoints (config.json and {SINGLE_NAME} or {INDEX_NAME})",
+            path=arg,
+        )
+
+
+def _refuse_as_adapter(path: Path, arg: str) -> None:
+    """AdapterError when ``path`` is a projection cache or a model, not an adapter."""
+    kind = input_kind(path)
+    want = f"an adapter is a PEFT directory with {ADAPTER_CONFIG} and adapter_model.safetensors"
+    if kind == "cache":
+        raise AdapterError(
+            f"adapter: {arg} is a projection cache (it has manifest.json), not a LoRA adapter; "
+            "pass it with -p",
+            hint=f"`safelora inspect -p {arg}` shows what it holds; {want}",
+            path=arg,
+        )
+    if kind == "model":
+        d = path if path.is_dir() else path.parent
+        raise AdapterError(
+            f"adapter: {arg} is a model checkpoint (it has {_model_marker(d)}), not a LoRA "
+            "adapter; pass it as BASE or ALIGNED",
+            hint="models go to compute-projections as BASE ALIGNED and to patch or inspect as "
+            f"--base/--aligned; {want}",
+            path=arg,
+        )
 
 
 # -- local ------------------------------------------------------------------------------------
 
 
-def _stat_files(files: Iterable[Path], root: Path) -> dict[str, dict]:
+def header_sha256(path: Path) -> str:
+    """SHA-256 of a safetensors file's header: its 8-byte length and the JSON after it.
+
+    The header names every tensor with its dtype, shape and byte offsets, so equal digests and
+    equal sizes mean the same layout (not the same values: see :func:`tensor_sha256`). The
+    file was validated by :func:`safelora_cli.reader.read_header` before this is called.
+    """
+    from safelora_cli.reader import MAX_HEADER_BYTES
+
+    with open(path, "rb") as fh:
+        raw_len = fh.read(8)
+        # Bounded as read_header bounds it (a file swapped since would otherwise be read whole).
+        n = min(int.from_bytes(raw_len, "little"), MAX_HEADER_BYTES)
+        return hashlib.sha256(raw_len + fh.read(n)).hexdigest()
+
+
+def tensor_sha256(reader: CheckpointReader, name: str) -> str:
+    """SHA-256 of tensor ``name``'s bytes exactly as stored (what a cache entry records)."""
+    return hashlib.sha256(reader.read_bytes(name)).hexdigest()
+
+
+def _stat_files(files: Iterable[Path], root: Path, *, headers: bool = False) -> dict[str, dict]:
+    """Per file (relative name): size and ``mtime_ns``; with ``headers`` (files validated by
+    the reader) also the header digest of each ``.safetensors`` file."""
     out: dict[str, dict] = {}
     for f in files:
         st = f.stat()
@@ -211,6 +398,8 @@ def _stat_files(files: Iterable[Path], root: Path) -> dict[str, dict]:
         except ValueError:
             rel = f.name
         out[rel] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        if headers and f.name.endswith(".safetensors"):
+            out[rel]["header_sha256"] = header_sha256(f)
     return out
 
 
@@ -251,7 +440,7 @@ def _open_local(path: Path, arg: str, label: str) -> tuple[CheckpointReader, Sou
         arg=arg,
         kind="local",
         path=str(path.resolve()),
-        files=_stat_files(weight_files, root),
+        files=_stat_files(weight_files, root, headers=True),
         config=_read_config(root / CONFIG_NAME, label=label),
     )
     return reader, spec
@@ -497,7 +686,7 @@ def _pick_weights(files: list[str], repo_id: str, rev: str, label: str) -> tuple
         raise CheckpointError(
             f"{label}: Hub repo {repo_id}@{rev} has only pickled weights ({pickled[0]}); "
             "only safetensors is read",
-            hint=CONVERT_HINT,
+            hint=f"download it (hf download {repo_id} --local-dir DIR), then " + CONVERT_HINT,
             path=repo_id,
         )
     raise SourceError(
@@ -576,8 +765,10 @@ def open_model(
                 hint="drop the revision, or pass a Hub id",
                 path=arg,
             )
+        _refuse_as_model(target, str(arg), label)
         return _open_local(target, str(arg), label)
-    return _open_hub(target, revision, label, want)
+    with _local_first(str(arg), label):
+        return _open_hub(target, revision, label, want)
 
 
 def resolve_adapter(arg: str, *, revision: str | None = None) -> tuple[Path, SourceSpec]:
@@ -586,8 +777,16 @@ def resolve_adapter(arg: str, *, revision: str | None = None) -> tuple[Path, Sou
     ``arg``: a local adapter directory (or a file inside it), or a Hub id ``org/name`` whose
     snapshot (``adapter_config.json``, ``adapter_model.safetensors``/``.bin`` and small
     top-level files such as README and tokenizer files) is downloaded, or read from the cache
-    under ``HF_HUB_OFFLINE``. The directory's contents are not validated here (see adapter.py).
+    under ``HF_HUB_OFFLINE``. The directory's contents are not validated here (see adapter.py),
+    except that a local projection cache or model checkpoint is refused as such (AdapterError).
     """
+    if Path(str(arg)).expanduser().exists() or not is_repo_id(str(arg)):
+        return _resolve_adapter(str(arg), revision=revision)
+    with _local_first(str(arg), "adapter"):
+        return _resolve_adapter(str(arg), revision=revision)
+
+
+def _resolve_adapter(arg: str, *, revision: str | None = None) -> tuple[Path, SourceSpec]:
     target = _classify(str(arg), what="adapter")
     if isinstance(target, Path):
         if revision is not None:
@@ -596,6 +795,7 @@ def resolve_adapter(arg: str, *, revision: str | None = None) -> tuple[Path, Sou
                 hint="drop the revision, or pass a Hub id",
                 path=arg,
             )
+        _refuse_as_adapter(target, str(arg))
         d = target if target.is_dir() else target.parent
         files = sorted(
             f

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from safelora_cli.cache import (
     COMPLETE,
@@ -185,18 +187,31 @@ def test_byte_identical_whether_resumed_or_not(tmp_path: Path, llama_pair: facto
 
 def test_refuses_cache_from_other_weights(tmp_path: Path, llama_pair: factory.Pair) -> None:
     sb, sa = specs(llama_pair)
+    # The entry records its sources' bytes (as compute does; hashed here from the files).
+    sha = tuple(
+        hashlib.sha256(
+            safe_open(d / "model.safetensors", "pt").get_slice(Q0)[:].numpy()
+        ).hexdigest()
+        for d in (llama_pair.base_dir, llama_pair.aligned_dir)
+    )
     with ProjectionCache.create_or_resume(tmp_path / "c", sb, sa) as c:
+        c.put(projector_for(llama_pair, Q0), source_sha256=sha)
         c.finish()
     f = llama_pair.aligned_dir / "model.safetensors"
-    st = f.stat()
-    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    original = f.read_bytes()
+    save_file({**llama_pair.aligned, "extra": torch.zeros(2)}, f)  # another layout
     sb2, sa2 = specs(llama_pair)
     with pytest.raises(CacheError) as ei:
         ProjectionCache.create_or_resume(tmp_path / "c", sb2, sa2)
     assert "aligned model" in str(ei.value) and "model.safetensors" in str(ei.value)
-    # Swapped sides are other weights too.
-    with pytest.raises(CacheError, match="base model"):
-        ProjectionCache.create_or_resume(tmp_path / "c", sa, sb)
+    f.write_bytes(original)  # the same content again, new times
+    rb, sb = open_model(str(llama_pair.base_dir), label="base model")
+    ra, sa = open_model(str(llama_pair.aligned_dir), label="aligned model")
+    with rb, ra:
+        ProjectionCache.create_or_resume(tmp_path / "c", sb, sa, readers=(rb, ra)).close()
+        # Swapped sides are other weights too (same layout, other values).
+        with pytest.raises(CacheError, match="base model"):
+            ProjectionCache.create_or_resume(tmp_path / "c", sa, sb, readers=(ra, rb))
     with pytest.raises(CacheError, match="F32"):
         ProjectionCache.create_or_resume(tmp_path / "c", sb, sa, dtype=torch.bfloat16)
 

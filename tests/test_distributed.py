@@ -221,13 +221,15 @@ def test_killed_distributed_run_resumes_from_journals(tmp_path: Path) -> None:
         shares = split_targets(ts, rb, ra, 2, "cpu")
         owner = ProjectionCache.create_or_resume(out, sb, sa)
         worker = ProjectionCache.worker(out, owner.manifest, rank=1)
-        stream = _PairStream(rb, ra, parse_device("cpu"))
+        stream = _PairStream(rb, ra, parse_device("cpu"), digests={})
+        sha = stream.digests
+        assert sha is not None
         # Rank 0 wrote one entry, rank 1 two; then both were killed (nothing adopted).
         for t in shares[0][:1]:
-            owner.put(stream.compute([stream.load(t)]))
+            owner.put(stream.compute([stream.load(t)]), source_sha256=sha.pop(t.weight))
         done1 = shares[1][:2]
         for t in done1:
-            worker.put(stream.compute([stream.load(t)]))
+            worker.put(stream.compute([stream.load(t)]), source_sha256=sha.pop(t.weight))
         owner.close()
     journals = sorted(p.name for p in out.iterdir() if p.name.startswith(".journal-"))
     assert journals == [".journal-1.json"]

@@ -298,7 +298,7 @@ def test_pickled_checkpoint_refused_unread(tmp_path: Path, name: str) -> None:
     marker = tmp_path / "UNPICKLED"
     (d / name).write_bytes(pickle.dumps(_Evil(marker)))
     err = expect(name, open_dir, d)
-    assert "safe_serialization=True" in (err.hint or "")
+    assert "save_file" in (err.hint or "") and "weights_only=True" in (err.hint or "")
     err = expect(name, open_dir, d / name)
     assert not marker.exists()
 

@@ -7,6 +7,7 @@ HF_HUB_CACHE at an empty temporary folder; tests here lay out
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import os
@@ -202,7 +203,8 @@ def test_pickled_only_hub_repo_refused(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError) as ei:
         open_model("org/old", label="base model")
     assert "pytorch_model.bin" in one_line(ei)
-    assert "safe_serialization=True" in ei.value.hint
+    assert ei.value.hint.startswith("download it (hf download org/old --local-dir DIR), then")
+    assert "save_file" in ei.value.hint and "weights_only=True" in ei.value.hint
 
 
 # -- argument classification -----------------------------------------------------------------
@@ -239,6 +241,11 @@ def test_local_spec_and_fingerprint(tmp_path: Path, sharded) -> None:
         for f in src.iterdir()
         if f.name.endswith((".safetensors", ".index.json"))
     }
+    for name, d in expected.items():
+        if name.endswith(".safetensors"):
+            raw = (src / name).read_bytes()
+            d["header_sha256"] = hashlib.sha256(raw[: 8 + int.from_bytes(raw[:8], "little")])
+            d["header_sha256"] = d["header_sha256"].hexdigest()
     assert spec.files == expected
 
     # Moved elsewhere with the same files (copy2 keeps mtimes): same fingerprint.
@@ -247,12 +254,20 @@ def test_local_spec_and_fingerprint(tmp_path: Path, sharded) -> None:
     assert spec2.path != spec.path
     assert spec2.fingerprint() == spec.fingerprint()
 
-    # A rewritten shard (new mtime) no longer matches.
+    # A touched shard (new mtime, same bytes) still has the same content fingerprint, but is
+    # no longer "the same files"; a shard with another header does not match.
     shard = sorted(moved.glob("*-of-*.safetensors"))[0]
     st = shard.stat()
     os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
     _, spec3 = open_model(str(moved), label="base model")
-    assert spec3.fingerprint() != spec.fingerprint()
+    assert spec3.fingerprint() == spec.fingerprint()
+    assert spec2.same_files(spec2.to_json()) and not spec3.same_files(spec2.to_json())
+    raw = bytearray(shard.read_bytes())
+    i = raw.index(b'"dtype":"F32"')
+    raw[i : i + 13] = b'"dtype":"I32"'  # same size, another header
+    shard.write_bytes(bytes(raw))
+    _, spec4 = open_model(str(moved), label="base model")
+    assert spec4.fingerprint() != spec.fingerprint()
 
 
 def test_local_single_file(tmp_path: Path) -> None:
@@ -260,8 +275,14 @@ def test_local_single_file(tmp_path: Path) -> None:
     save_file({"w": torch.ones(3)}, str(f))
     reader, spec = open_model(str(f), label="aligned model")
     assert reader.names() == ["w"]
+    raw = f.read_bytes()
+    head = hashlib.sha256(raw[: 8 + int.from_bytes(raw[:8], "little")]).hexdigest()
     assert spec.files == {
-        "weights.safetensors": {"size": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns}
+        "weights.safetensors": {
+            "size": f.stat().st_size,
+            "mtime_ns": f.stat().st_mtime_ns,
+            "header_sha256": head,
+        }
     }
 
 
