@@ -967,6 +967,26 @@ class ProjectionCache:
         for w, fifo in requests:
             self._check_orientation(self._entries[w], fifo)
 
+    def check_source(self, side: str, spec: Any, reader: Any, weights: Sequence[str]) -> None:
+        """CacheError (in words) unless ``spec`` is the ``side`` model ("base" or "aligned")
+        this cache was built from, as far as ``weights`` are concerned.
+
+        The content fingerprint (sizes and header digests) must match; when the files are not
+        the very ones recorded (a copy, another download), each of ``weights``' tensors in
+        ``reader`` is hashed and compared with the digest its entry recorded.
+        """
+        i = ("base", "aligned").index(side)
+        label = f"{side} model"
+        old = self._manifest.get("fingerprints")
+        old = old.get(side) if isinstance(old, dict) else None
+        recorded = self.sources.get(side)
+        err, verify = _source_problem(self.path, label, old, recorded, spec)
+        if err is not None:
+            raise err
+        if verify:
+            entries = {w: self._entries[w] for w in weights}
+            _verify_sources(self.path, entries, [(i, label, recorded, spec, reader)])
+
     # -- ProjectorSource ------------------------------------------------------------------
 
     def get(self, weight: str, *, fan_in_fan_out: bool = False) -> Projector:

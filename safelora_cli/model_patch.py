@@ -491,7 +491,7 @@ def open_model_source(
     """
     from safelora_cli.compute import StreamingProjectorSource, parse_device
     from safelora_cli.projector_source import provenance
-    from safelora_cli.sources import SourceSpec, open_model
+    from safelora_cli.sources import open_model
 
     dev = parse_device(device)
     requests = [(t.weight, t.fan_in_fan_out) for t in targets]
@@ -513,18 +513,10 @@ def open_model_source(
                     path=cache.path,
                 )
             cache.require(requests)
-            recorded = cache.sources.get("aligned")
-            if recorded is not None:
-                want = SourceSpec.from_json(recorded).fingerprint()
-                if want != inputs.aligned_spec.fingerprint():
-                    raise CacheError(
-                        f"projection cache {cache.path} was built from another aligned model "
-                        f"({recorded.get('arg') or recorded.get('path')}), not "
-                        f"{inputs.aligned_spec.arg}",
-                        hint="Pass --aligned the model the cache was built from, or build a "
-                        "cache from BASE and this ALIGNED (compute-projections).",
-                        path=cache.path,
-                    )
+            if "aligned" in cache.sources:
+                cache.check_source(
+                    "aligned", inputs.aligned_spec, inputs.aligned, [w for w, _ in requests]
+                )
             sources["cache"] = str(Path(projections).resolve())
             if "base" in cache.sources:
                 sources["base"] = provenance(cache.sources["base"])

@@ -494,17 +494,40 @@ def test_bad_inputs_exit_1_write_nothing_and_leave_inputs_alone(
         "compute-projections",
         "--targets",
     )
-    # A cache built from another aligned model (same names and shapes, other values).
+    # A cache built from another aligned model (same names and shapes, other target values):
+    # the header digests match, so the target tensors' digests must catch it.
     al3 = tmp_path / "al-other"
     shutil.copytree(t.aligned, al3)
-    f = al3 / idx["model.embed_tokens.weight"]
+    q0 = "model.layers.0.self_attn.q_proj.weight"
+    f = al3 / idx[q0]
     tensors = load_file(str(f))
-    tensors["model.embed_tokens.weight"] += 1
+    tensors[q0] += 1
     save_file(tensors, str(f), metadata={"format": "pt"})
     _refused(
         cli("patch-model", t.finetuned, "--aligned", al3, "-p", llama_bf16_cache, "-o", out),
-        "another aligned model",
+        "is not the model it was built from",
+        q0,
     )
+    # Another copy differing only in a non-target tensor: the cached projectors are exactly
+    # those of this aligned model, so the cache is accepted.
+    al4 = tmp_path / "al-embed"
+    shutil.copytree(t.aligned, al4)
+    f = al4 / idx["model.embed_tokens.weight"]
+    tensors = load_file(str(f))
+    tensors["model.embed_tokens.weight"] += 1
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    r = cli(
+        "patch-model",
+        t.finetuned,
+        "--aligned",
+        al4,
+        "-p",
+        llama_bf16_cache,
+        "-o",
+        out,
+        "--dry-run",
+    )
+    assert r.exit_code == 0, r.stderr
     # NaN in a fine-tuned weight.
     ft = tmp_path / "ft-nan"
     shutil.copytree(t.finetuned, ft)
