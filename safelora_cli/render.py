@@ -11,7 +11,7 @@ import sys
 import time
 import unicodedata
 from functools import cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -194,3 +194,47 @@ class RichProgress:
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
+
+
+def selection_rule(rep: Any) -> str:
+    """A report's selection as one phrase: the flag, the threshold it gave, boundary ties.
+
+    ``rep``: a patch or patch-model report (``selection``, ``threshold``, ``ties``).
+    """
+    sel = rep.selection.to_json()
+    flag = {"num_layers": "--num-layers", "threshold": "--threshold"}.get(sel["mode"], "--fraction")
+    rule = f"{flag} {sel['value']}"
+    if sel["mode"] != "threshold" and rep.threshold is not None:
+        rule += f" -> cosine <= {rep.threshold:.5f}"
+    if rep.ties:
+        rule += f" ({rep.ties} more tied at the boundary)"
+    return rule
+
+
+# Modules named in the summary: every projected one up to this many (the rest are counted and
+# listed in the report), then the lowest cosines that were not projected (the margin).
+SHOW_PROJECTED = 10
+SHOW_KEPT = 3
+
+
+def module_lines(rep: Any) -> list[str]:
+    """The summary's module lists: projected ones (lowest cosine first, the first
+    :data:`SHOW_PROJECTED` then ``+N more``), then the lowest cosines left as they were."""
+    from rich.markup import escape
+
+    ranked = rep.lowest(len(rep.modules))
+    chosen = [m for m in ranked if m.projected]
+    kept = [m for m in ranked if not m.projected]
+    where = "--json lists all" if rep.dry_run else "safelora_report.json"
+    lines: list[str] = []
+    if chosen:
+        lines.append("  would project:" if rep.dry_run else "  projected:")
+        lines.extend(f"    {m.rounded:.5f}  {escape(m.name)}" for m in chosen[:SHOW_PROJECTED])
+        if len(chosen) > SHOW_PROJECTED:
+            lines.append(f"    +{len(chosen) - SHOW_PROJECTED} more ({where})")
+    if kept:
+        lines.append("  not projected, lowest cosines:")
+        lines.extend(f"    {m.rounded:.5f}  {escape(m.name)}" for m in kept[:SHOW_KEPT])
+        if len(kept) > SHOW_KEPT:
+            lines.append(f"    +{len(kept) - SHOW_KEPT} more ({where})")
+    return lines

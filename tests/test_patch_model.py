@@ -904,3 +904,51 @@ def test_an_update_the_projector_maps_to_zero_has_no_cosine_and_fails_the_gate(
     assert "no: CdW = 0" in table
     r = cli("inspect", dirs["ft"], *common, "--fail-below", -1.0)  # fails closed
     assert r.exit_code == 3 and "self_attn.q_proj" in r.stderr
+
+
+def test_summary_names_every_projected_weight_then_the_margin(
+    llama_bf16: mt.Trio, llama_bf16_cache: Path, tmp_path: Path
+) -> None:
+    """Issue 18 item 6 for patch-model: 12 of 14 projected -> the first ten named, "+2 more",
+    then the unprojected ones labelled as such (the oracle's order, lowest cosine first)."""
+    t = llama_bf16
+    r = ok(
+        "patch-model", t.finetuned, "--aligned", t.aligned, "-p", llama_bf16_cache,
+        "-o", tmp_path / "out", "--num-layers", "12",
+    )  # fmt: skip
+    cos = {n: o["cos"] for n, o in mt.oracle(t, conv1d=False).items()}
+    assert len(cos) == 14 and None not in cos.values()
+    ranked = sorted(cos, key=lambda n: cos[n])
+    lines = r.stderr.splitlines()
+    assert "projected 12 of 14 weights" in lines[0]
+    i = lines.index("  projected:")
+    named = [ln.split()[1] for ln in lines[i + 1 : i + 11]]
+    assert named == [n.removesuffix(".weight") for n in ranked[:10]]
+    assert lines[i + 11].strip() == "+2 more (safelora_report.json)"
+    j = lines.index("  not projected, lowest cosines:")
+    assert [ln.split()[1] for ln in lines[j + 1 : j + 3]] == [
+        n.removesuffix(".weight") for n in ranked[12:]
+    ]
+
+
+def test_control_characters_in_weight_names_are_escaped(tmp_path: Path) -> None:
+    """A weight name from a checkpoint header reaches the summary escaped (issue 15 §6)."""
+    from safetensors.torch import save_file
+
+    evil = "model.layers.0.q\x1b]0;pwned\x07\x1b[2J.weight"
+    g = torch.Generator().manual_seed(5)
+    base = {evil: torch.randn(8, 8, generator=g), "model.layers.1.q.weight": torch.randn(8, 8)}
+    aligned = {k: v + 0.1 * torch.randn(8, 8, generator=g) for k, v in base.items()}
+    ft = {k: v + 0.1 * torch.randn(8, 8, generator=g) for k, v in aligned.items()}
+    paths = {}
+    for name, tensors in (("base", base), ("aligned", aligned), ("ft", ft)):
+        d = tmp_path / name
+        d.mkdir()
+        save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+        paths[name] = d
+    r = ok(
+        "patch-model", paths["ft"], "--aligned", paths["aligned"], "--base", paths["base"],
+        "-o", tmp_path / "out", "--num-layers", "1",
+    )  # fmt: skip
+    assert "\x1b" not in r.stderr and "\x07" not in r.stderr
+    assert "\\x1b]0;pwned\\x07\\x1b[2J" in r.stderr

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -119,7 +119,7 @@ def _summary(reports: list) -> None:
     """A few human lines per adapter on stderr: projected N of M, Pdst, lowest cosines, where."""
     from rich.markup import escape
 
-    from safelora_cli.render import err_console, safe_text
+    from safelora_cli.render import err_console, module_lines, safe_text, selection_rule
 
     con = err_console()
 
@@ -129,22 +129,13 @@ def _summary(reports: list) -> None:
         con.print(safe_text(line), soft_wrap=True)  # long paths stay on one line
 
     for rep in reports:
-        sel = rep.selection.to_json()
-        flag = {"num_layers": "--num-layers", "threshold": "--threshold"}.get(
-            sel["mode"], "--fraction"
-        )
         head = "would project" if rep.dry_run else "projected"
-        rule = f"{flag} {sel['value']}"
-        if sel["mode"] != "threshold" and rep.threshold is not None:
-            rule += f" -> cosine <= {rep.threshold:.5f}"
-        if rep.ties:
-            rule += f" ({rep.ties} more tied at the boundary)"
         say(
             f"[bold]{escape(rep.adapter)}[/bold]: {head} {rep.projected} of {rep.total} "
             f"modules; Pdst {_fmt(rep.pdst, '.4f')}"
         )
-        say(f"  selection: {rule}")
-        for line in _module_lines(rep):
+        say(f"  selection: {selection_rule(rep)}")
+        for line in module_lines(rep):
             say(line)
         undefined = [m for m in rep.modules if m.cosine is None]
         if undefined:
@@ -153,32 +144,3 @@ def _summary(reports: list) -> None:
             say(f"  carried over unchanged: {len(rep.skipped)} (embedding/DoRA/...)")
         where = "would be written to" if rep.dry_run else "written to"
         say(f"  {where} {escape(str(rep.output))}")
-
-
-# Modules named in the summary: every projected one up to this many (the rest are counted and
-# listed in the report), then the lowest cosines that were not projected (the margin).
-SHOW_PROJECTED = 10
-SHOW_KEPT = 3
-
-
-def _module_lines(rep: Any) -> list[str]:
-    """The summary's module lists: projected ones (lowest cosine first, the first
-    :data:`SHOW_PROJECTED` then ``+N more``), then the lowest cosines left as they were."""
-    from rich.markup import escape
-
-    ranked = rep.lowest(len(rep.modules))
-    chosen = [m for m in ranked if m.projected]
-    kept = [m for m in ranked if not m.projected]
-    where = "--json lists all" if rep.dry_run else "safelora_report.json"
-    lines: list[str] = []
-    if chosen:
-        lines.append("  would project:" if rep.dry_run else "  projected:")
-        lines.extend(f"    {m.rounded:.5f}  {escape(m.name)}" for m in chosen[:SHOW_PROJECTED])
-        if len(chosen) > SHOW_PROJECTED:
-            lines.append(f"    +{len(chosen) - SHOW_PROJECTED} more ({where})")
-    if kept:
-        lines.append("  not projected, lowest cosines:")
-        lines.extend(f"    {m.rounded:.5f}  {escape(m.name)}" for m in kept[:SHOW_KEPT])
-        if len(kept) > SHOW_KEPT:
-            lines.append(f"    +{len(kept) - SHOW_KEPT} more ({where})")
-    return lines

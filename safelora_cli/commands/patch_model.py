@@ -99,32 +99,24 @@ def command(
 
 
 def _summary(rep: Any) -> None:
-    """A few human lines on stderr: projected N of M, the rule, the lowest cosines, where."""
+    """A few human lines on stderr: projected N of M, the rule, the projected weights (the
+    first ten, then ``+N more``), the lowest cosines left alone, where."""
     from rich.markup import escape
 
-    from safelora_cli.render import err_console
+    from safelora_cli.render import err_console, module_lines, safe_text, selection_rule
 
     con = err_console()
 
     def say(line: str) -> None:
-        con.print(line, soft_wrap=True)
+        # Names are markup-escaped where inserted; safe_text then escapes control characters
+        # (a weight name in a checkpoint header is input, like an adapter key).
+        con.print(safe_text(line), soft_wrap=True)
 
-    sel = rep.selection.to_json()
-    flag = {"num_layers": "--num-layers", "threshold": "--threshold"}.get(sel["mode"], "--fraction")
-    rule = f"{flag} {sel['value']}"
-    if sel["mode"] != "threshold" and rep.threshold is not None:
-        rule += f" -> cosine <= {rep.threshold:.5f}"
-    if rep.ties:
-        rule += f" ({rep.ties} more tied at the boundary)"
     head = "would project" if rep.dry_run else "projected"
     say(f"[bold]{escape(rep.model)}[/bold]: {head} {rep.projected} of {rep.total} weights")
-    say(f"  selection: {rule}")
-    low = rep.lowest(3)
-    if low:
-        say("  lowest cosines:")
-        for m in low:
-            mark = "  projected" if m.projected else ""
-            say(f"    {m.rounded:.5f}  {escape(m.name)}{mark}")
+    say(f"  selection: {selection_rule(rep)}")
+    for line in module_lines(rep):
+        say(line)
     undefined = [m for m in rep.modules if m.cosine is None]
     if undefined:
         say(f"  no cosine (never projected): {len(undefined)}; see the report")
