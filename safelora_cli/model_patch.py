@@ -562,6 +562,21 @@ def _non_finite(inputs: _Inputs, t: ModelTarget) -> CheckpointError:
     )
 
 
+def _does_not_fit(t: ModelTarget) -> CheckpointError:
+    import torch
+
+    from safelora_cli.reader import torch_dtype
+
+    dt = torch_dtype(t.dtype)
+    return CheckpointError(
+        f"{t.weight}: the projected weight W_aligned + C dW does not fit {t.dtype} (largest "
+        f"finite value {torch.finfo(dt).max:g}); nothing was written ({t.shard})",
+        hint="leave this weight out (--targets, or a higher --threshold / fewer --num-layers), "
+        "or convert the fine-tuned model to bfloat16 or float32 first",
+        path=t.shard,
+    )
+
+
 def _score_one(inputs: _Inputs, t: ModelTarget, proj: Any) -> ModelModuleScore:
     from safelora_cli.projector import update_sums
     from safelora_cli.scoring import (
@@ -761,6 +776,8 @@ def _write_shards(
                             )
                         except ValueError:
                             raise _non_finite(inputs, t) from None
+                        except OverflowError:
+                            raise _does_not_fit(t) from None
                         del proj, w_al, dw
                         return tensor_bytes(w)
 

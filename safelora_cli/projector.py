@@ -562,7 +562,8 @@ def projected_weight(
     ``w_aligned`` is the stored tensor (``[in, out]`` when ``fan_in_fan_out``); ``dw`` is linear
     orientation (see :func:`update_blocks`). Each block is summed in float64 from the exact
     upcast of ``w_aligned`` and ``scale * C D``, then cast: the only rounding after the product
-    is that one cast (for bf16: one rounding of the float64 sum).
+    is that one cast (for bf16: one rounding of the float64 sum). OverflowError when a value
+    does not fit ``dtype`` (float16's 65504, say): never a tensor holding Inf.
     """
     import torch
 
@@ -573,5 +574,8 @@ def projected_weight(
     for c0, c1, _, cd in update_blocks(proj, dw, scale, block=block):
         w = w_lin[:, c0:c1].to(dtype=torch.float64, copy=True)  # never add into the input
         w.add_(cd.to(device="cpu"), alpha=scale)
-        out_lin[:, c0:c1] = w.to(dtype)
+        cast = w.to(dtype)
+        if not bool(torch.isfinite(cast).all()):
+            raise OverflowError(f"{proj.weight}: W_aligned + C dW does not fit {dtype}")
+        out_lin[:, c0:c1] = cast
     return out

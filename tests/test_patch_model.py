@@ -952,3 +952,35 @@ def test_control_characters_in_weight_names_are_escaped(tmp_path: Path) -> None:
     )  # fmt: skip
     assert "\x1b" not in r.stderr and "\x07" not in r.stderr
     assert "\\x1b]0;pwned\\x07\\x1b[2J" in r.stderr
+
+
+def test_a_projected_weight_that_overflows_float16_is_refused(tmp_path: Path) -> None:
+    """Issue 15 §2 for patch-model: V = 60000 I gives C = 21213 I (float64, by hand), so
+    W_aligned + C dW = 60000 + 21213 * 64 is far beyond float16's 65504: exit 1, the weight
+    and the dtype named, no output and no staging left, inputs untouched."""
+    from safetensors.torch import save_file
+
+    name = "model.layers.0.self_attn.q_proj.weight"
+    eye = torch.eye(8, dtype=torch.float32)
+    trees = {
+        "base": torch.zeros(8, 8),
+        "aligned": 60000 * eye,
+        "ft": 60064 * eye,  # 60064 is a float16 value: dW = 64 I exactly
+    }
+    paths = {}
+    for which, w in trees.items():
+        d = tmp_path / which
+        d.mkdir()
+        save_file({name: w.to(torch.float16)}, str(d / "model.safetensors"), {"format": "pt"})
+        paths[which] = d
+    before = {k: (v / "model.safetensors").read_bytes() for k, v in paths.items()}
+    out = tmp_path / "out"
+    for extra in ([], ["--force"]):
+        r = cli(
+            "patch-model", paths["ft"], "--aligned", paths["aligned"], "--base", paths["base"],
+            "-o", out, "--num-layers", "1", *extra,
+        )  # fmt: skip
+        _refused(r, name, "does not fit F16", "65504")
+        assert not out.exists()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["aligned", "base", "ft"]
+    assert {k: (v / "model.safetensors").read_bytes() for k, v in paths.items()} == before
