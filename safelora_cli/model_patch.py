@@ -961,6 +961,16 @@ def score_model(
     from safelora_cli.compute import limit_heap_retention
 
     selection = selection or Selection.from_flags(None, None, None)
+    if finetuned and aligned is None and (projections is not None or base is not None):
+        # inspect MODEL -p CACHE: a model where an adapter was expected, or a full fine-tune
+        # scored without the model it was fine-tuned from. Name the kind, then both ways on.
+        raise CheckpointError(
+            f"{finetuned} is a model checkpoint, not a LoRA adapter; scoring it as a full "
+            "fine-tune needs --aligned ALIGNED (dW = W_ft - W_aligned).",
+            hint="Pass --aligned with the model it was fine-tuned from; to build projectors "
+            "from it, pass it as BASE or ALIGNED to safelora compute-projections.",
+            path=finetuned,
+        )
     check_model_flags(finetuned, aligned, projections, base, revision_base)
     assert aligned is not None
     limit_heap_retention()  # weight-sized buffers go back to the OS when freed

@@ -6,6 +6,9 @@ from __future__ import annotations
 import io
 import json
 import re
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -250,8 +253,14 @@ def test_usage_lines_name_the_arguments() -> None:
 def test_shell_completion_is_offered() -> None:
     r = runner.invoke(app, ["--help"])
     assert "--install-completion" in r.stdout and "--show-completion" in r.stdout
-    r = runner.invoke(app, ["--show-completion", "bash"])
-    assert r.exit_code == 0 and "_SAFELORA_COMPLETE" in r.stdout
+    # typer detects the shell from the process tree, so run it from bash as a user would (under
+    # make or CI the nearest shell is sh, which typer does not support).
+    # (The trailing "exit" keeps bash from exec'ing the command, which would leave no bash.)
+    cmd = f"{shlex.quote(sys.executable)} -m safelora_cli --show-completion; exit $?"
+    p = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "complete -o default -F _safelora_completion safelora" in p.stdout
+    assert "_SAFELORA_COMPLETE=complete_bash" in p.stdout
 
 
 def _bar_text(progress: render.RichProgress) -> str:

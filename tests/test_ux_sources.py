@@ -530,8 +530,8 @@ def test_kinds_are_recognised(demo: Path) -> None:
         ),
         (
             ["inspect", "models/base", "-p", "cache"],
-            ["adapter: models/base is a model checkpoint (it has model.safetensors), not a LoRA "
-             "adapter; pass it as BASE or ALIGNED"],
+            ["models/base is a model checkpoint, not a LoRA adapter; scoring it as a full "
+             "fine-tune needs --aligned ALIGNED"],
         ),
     ],
     ids=["adapter-as-base", "adapter-as-aligned", "adapter-file-as-base", "cache-as-base",
