@@ -859,6 +859,10 @@ class CheckpointReader:
         """The files of this reader read by byte ranges (sorted)."""
         return sorted(self._remote)
 
+    def file_size(self, path: Path) -> int:
+        """The size of ``path`` (a file of this reader) as its header was read."""
+        return self._headers[Path(path)].size
+
     @property
     def bytes_fetched(self) -> int:
         """Bytes received for this reader's remote files (headers and tensors)."""
