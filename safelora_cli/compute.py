@@ -62,7 +62,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from safelora_cli.errors import CacheError, CheckpointError, SafeLoraError, UsageError
+from safelora_cli.errors import (
+    CacheError,
+    CheckpointError,
+    FetchError,
+    SafeLoraError,
+    UsageError,
+)
 from safelora_cli.naming import natural_sorted
 from safelora_cli.progress import announce, report_fetched, size_text
 from safelora_cli.projector import (
@@ -726,8 +732,10 @@ def _run(
         done = _stream_into(cache, rb, ra, todo, dev, dtype, progress, degenerate, representation)
         cache.finish()
     except (SafeLoraError, OSError) as e:
-        if created:
+        if created and not isinstance(e, FetchError):
             # A cache this run created and could not finish: remove it (nothing left behind).
+            # A Hub transfer that failed after its retries is not the inputs' fault: the
+            # entries computed so far stay, as after any other run, and a rerun resumes.
             cache.close()
             shutil.rmtree(cache_dir, ignore_errors=True)
         else:

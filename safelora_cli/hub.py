@@ -36,7 +36,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from safelora_cli.errors import SafeLoraError, SourceError
+from safelora_cli.errors import FetchError, SafeLoraError, SourceError
 
 # One request asks for at most this many bytes; a longer read is split, IN_FLIGHT at a time.
 REQUEST_BYTES = 16 << 20
@@ -49,6 +49,10 @@ MAX_WAIT = 8.0
 # Seconds without a byte before a request counts as failed (then retried).
 TIMEOUT = 60.0
 _CHUNK = 1 << 20
+_RESUME_HINT = (
+    "check the network and run the same command again: finished cache entries are kept and "
+    "only the missing ones are fetched"
+)
 
 
 def hub_endpoint() -> str:
@@ -219,18 +223,21 @@ class HubFile:
             except Exception as e:
                 from safelora_cli.sources import hub_error, is_hub_failure
 
-                if is_hub_failure(e):
-                    raise hub_error(e, self.repo_id, self.revision, self.filename) from None
-                raise
+                if not is_hub_failure(e):
+                    raise
+                err = hub_error(e, self.repo_id, self.revision, self.filename)
+                status = getattr(getattr(e, "response", None), "status_code", None)
+                if status is not None and status < 500 and status != 429:
+                    raise err from None  # 401/403/404...: retrying will not help
+                raise FetchError(err.message, hint=_RESUME_HINT, path=self.repo_id) from None
             if got < n:
                 tries += 1
                 if tries > MAX_RETRIES:
                     why = f": {str(last).strip().splitlines()[0]}" if last and str(last) else ""
-                    raise SourceError(
+                    raise FetchError(
                         f"{self._what()}: the connection dropped {tries} times while fetching "
                         f"bytes {start}-{end - 1} ({got} of {n} received){why}",
-                        hint="check the network and run the same command again: finished "
-                        "cache entries are kept and only the missing ones are fetched",
+                        hint=_RESUME_HINT,
                         path=self.repo_id,
                     )
                 time.sleep(min(MAX_WAIT, RETRY_WAIT * 2 ** (tries - 1)))

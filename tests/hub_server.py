@@ -23,6 +23,7 @@ and close the connection).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -56,7 +57,9 @@ class HubServer:
         self.api_bytes = 0
         self.log: list[tuple[str, str, str | None]] = []
         self._fail: list[tuple[str, int]] = []
-        self._cut: list[str] = []
+        self._cut: list[tuple[str, int]] = []
+        # True: answer a ranged GET with 200 and the whole file (a server that ignores Range).
+        self.ignore_ranges = False
         server = self
 
         class Handler(_Handler):
@@ -100,10 +103,11 @@ class HubServer:
         with self.lock:
             self._fail += [(match, status)] * times
 
-    def cut(self, *, match: str = "", times: int = 1) -> None:
-        """The next ``times`` ranged GETs whose path contains ``match`` stop half way."""
+    def cut(self, *, match: str = "", times: int = 1, min_start: int = 0) -> None:
+        """The next ``times`` ranged GETs whose path contains ``match`` (and whose range starts
+        at ``min_start`` or later: headers pass) stop half way."""
         with self.lock:
-            self._cut += [match] * times
+            self._cut += [(match, min_start)] * times
 
     def reset_counters(self) -> None:
         with self.lock:
@@ -117,11 +121,10 @@ class HubServer:
 
     # -- internals --------------------------------------------------------------------------
 
-    def _take(self, queue: list, path: str) -> object | None:
+    def _take(self, queue: list, path: str, start: int = 0) -> object | None:
         with self.lock:
-            for i, item in enumerate(queue):
-                m = item[0] if isinstance(item, tuple) else item
-                if m in path:
+            for i, (m, arg) in enumerate(queue):
+                if m in path and (queue is not self._cut or start >= arg):
                     return queue.pop(i)
         return None
 
@@ -262,7 +265,7 @@ class _Handler(BaseHTTPRequestHandler):
         rng = self.headers.get("Range")
         start, end = 0, size - 1
         status = 200
-        if rng and not head:
+        if rng and not head and not self.hub.ignore_ranges:
             m = _RANGE.match(rng.strip())
             if not m:
                 self._error(416, None, "bad range")
@@ -289,16 +292,20 @@ class _Handler(BaseHTTPRequestHandler):
         with open(f, "rb") as fh:
             fh.seek(start)
             data = fh.read(n)
-        if status == 206 and self.hub._take(self.hub._cut, path) is not None:
+        if status == 206 and self.hub._take(self.hub._cut, path, start) is not None:
             half = data[: n // 2]
             self.wfile.write(half)
             self.wfile.flush()
             self.hub._count(path, len(half), api=False)
             self.close_connection = True
-            try:
+            with contextlib.suppress(OSError):
                 self.connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             return
-        self.wfile.write(data)
-        self.hub._count(path, len(data), api=False)
+        sent = 0
+        try:
+            for k in range(0, len(data), 1 << 16):
+                self.wfile.write(data[k : k + (1 << 16)])
+                sent += len(data[k : k + (1 << 16)])
+        except OSError:  # the client hung up (e.g. it refused a 200 unread)
+            self.close_connection = True
+        self.hub._count(path, sent, api=False)
