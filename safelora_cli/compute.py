@@ -31,7 +31,13 @@ Contract:
 - Failure: a killed run leaves the cache marked in progress with only complete entries; the
   same command resumes it. A run that fails with an input error (e.g. NaN in a delta) removes
   a cache directory it created itself, and leaves an existing cache with the entries it had
-  plus any completed in this run (all valid), marked complete.
+  plus any completed in this run (all valid), marked complete. A Hub transfer that fails after
+  its retries (:class:`~safelora_cli.errors.FetchError`) keeps the entries of a cache this run
+  created too: the same command resumes, fetching only what is missing.
+- Hub models (``download="ranged"``, the default): each reader is told the weights about to
+  be read (:meth:`CheckpointReader.plan`), so adjacent ones come with one range; the summary's
+  ``fetched`` / ``shards_bytes`` say what came over the network of the shards' total, and the
+  progress object's optional ``fetched(nbytes, total)`` gets the running count.
 - Several processes (``dist=``, under ``accelerate launch`` / ``torchrun``; docs/scale-out.md):
   rank 0 creates or resumes the cache and splits the missing weights by :func:`target_cost`
   (:func:`split_targets`); each rank streams its share and writes its own entry files (other

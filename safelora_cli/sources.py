@@ -5,8 +5,12 @@ it must be a Hub id of the form ``org/name`` (with an optional revision: branch,
 
 Hub models: the repository's file list and resolved commit come first (one API call, or the
 local cache under ``HF_HUB_OFFLINE``), then ``config.json`` and ``model.safetensors.index.json``,
-then only the shards holding the tensors ``want(all_names)`` asks for. Every later download is
-pinned to the resolved commit, so a branch moving mid-run cannot mix two versions.
+then, of the shards holding the tensors ``want(all_names)`` asks for, only the headers and the
+bytes of the tensors read (``download="ranged"``: :mod:`safelora_cli.hub`, nothing written to
+the Hugging Face cache; a shard already complete there is read from disk), or the whole shards
+into that cache (``download="full"``, and always under ``HF_HUB_OFFLINE``). Every later request
+is pinned to the resolved commit, so a branch moving mid-run cannot mix two versions.
+``HF_ENDPOINT`` is read at call time and passed to every huggingface_hub call.
 
 Environment, read at call time (not at import): ``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``
 (cache only, no network), ``HF_HUB_CACHE`` / ``HUGGINGFACE_HUB_CACHE`` / ``HF_HOME`` /
