@@ -339,3 +339,72 @@ def test_server_ignoring_ranges_is_refused_unread(
         open_model("org/base", label="base model", want=lambda names: names[:1])
     assert "206" in ei.value.message and "--download full" in ei.value.hint
     assert opened and all(f.fetched == 0 for f in opened)  # not one byte of the body taken
+
+
+def test_cli_summary_says_what_was_fetched(hub: HubServer, models, tmp_path: Path) -> None:
+    serve(hub, models)
+    base = ("compute-projections", "org/base", "org/aligned", "--targets", "q_proj,v_proj")
+    r = CliRunner().invoke(app, [*base, "-o", str(tmp_path / "c")])
+    assert r.exit_code == 0, r.stderr
+    (line,) = r.stderr.strip().splitlines()
+    assert "8 weights computed" in line
+    assert "fetched " in line and "(the shards' total) from the Hub" in line
+    bad = CliRunner().invoke(app, [*base, "-o", str(tmp_path / "d"), "--download", "some"])
+    assert bad.exit_code == 2 and "--download 'some' is not one of ranged, full" in bad.stderr
+
+
+def test_progress_is_told_the_bytes_fetched(hub: HubServer, models, tmp_path: Path) -> None:
+    serve(hub, models)
+    seen: list[tuple[int, int]] = []
+
+    class Recording:
+        def start(self, total: int, description: str) -> None:
+            pass
+
+        def advance(self, units: int = 1, nbytes: int = 0) -> None:
+            pass
+
+        def finish(self) -> None:
+            pass
+
+        def fetched(self, nbytes: int, total: int) -> None:
+            seen.append((nbytes, total))
+
+    s = compute_projections(
+        "org/base",
+        "org/aligned",
+        tmp_path / "c",
+        targets=",".join(TARGETS),
+        device="cpu",
+        progress=Recording(),
+    )
+    assert len(seen) == 1 + 8  # once at the start, once per weight written
+    assert [n for n, _ in seen] == sorted(n for n, _ in seen)
+    assert seen[-1] == (s.fetched, s.shards_bytes)
+
+
+def test_patch_with_hub_base_and_aligned(hub: HubServer, models, tmp_path: Path) -> None:
+    """patch --base/--aligned with Hub ids reads by ranges and writes what a local run does."""
+    from safetensors.torch import load_file
+
+    from safelora_cli.patch import patch_adapters
+    from tests.model_trio import read
+
+    serve(hub, models)
+    adapter = factory.write_adapter(tmp_path / "adapter", base=read(models[0]), layers=[1, 3])
+    kw = dict(device="cpu")
+    patch_adapters(
+        [str(adapter)], tmp_path / "hub-out", base="org/base", aligned="org/aligned", **kw
+    )
+    local = tmp_path / "local-out"
+    patch_adapters([str(adapter)], local, base=str(models[0]), aligned=str(models[1]), **kw)
+    got = load_file(str(tmp_path / "hub-out" / "adapter_model.safetensors"))
+    want = load_file(str(local / "adapter_model.safetensors"))
+    assert got.keys() == want.keys() and all((got[k] == want[k]).all() for k in got)
+    tb = sum(
+        t.numel() * t.element_size()
+        for d in models
+        for n, t in read(d).items()
+        if is_target(n) and (".1." in n or ".3." in n)
+    )
+    assert hub.file_bytes <= 1.10 * (tb + sum(budget(d)[1] for d in models))
