@@ -929,6 +929,8 @@ def _resolve_adapter(arg: str, *, revision: str | None = None) -> tuple[Path, So
 
     from huggingface_hub import snapshot_download
 
+    from safelora_cli.hub import hub_endpoint
+
     repo_id = target
     offline = hub_offline()
     try:
@@ -941,6 +943,7 @@ def _resolve_adapter(arg: str, *, revision: str | None = None) -> tuple[Path, So
                 local_files_only=offline,
                 allow_patterns=ADAPTER_PATTERNS,
                 ignore_patterns=ADAPTER_IGNORE,
+                endpoint=hub_endpoint(),
             )
         )
     except Exception as e:

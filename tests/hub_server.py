@@ -7,6 +7,7 @@ huggingface_hub 2.x makes (found by reading its source and by logging what it as
   JSON (``id``, ``sha``, ``siblings`` [{``rfilename``, ``size``}]) for ``HfApi.model_info``.
 - ``HEAD /{org}/{name}/resolve/{rev}/{file}``: ``X-Repo-Commit``, ``ETag``/``X-Linked-Etag``,
   ``X-Linked-Size``, ``Content-Length``, ``Accept-Ranges`` (``get_hf_file_metadata``).
+- ``GET /api/models/{org}/{name}/tree/{rev}``: the file list (``snapshot_download``).
 - ``GET /{org}/{name}/resolve/{rev}/{file}``: a small file (JSON) is served directly; a
   ``.safetensors`` file answers ``302`` to ``/cdn/{org}/{name}/{commit}/{file}`` as the Hub
   redirects LFS files to its CDN, which serves ``Range: bytes=a-b`` as ``206`` with
@@ -45,6 +46,11 @@ class _Repo:
     gated: bool = False
 
 
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request: object, client_address: object) -> None:
+        """Clients hanging up (injected cuts, refused answers) are expected: stay quiet."""
+
+
 class HubServer:
     """See the module docstring. Use as a context manager; ``endpoint`` is its base URL."""
 
@@ -65,7 +71,7 @@ class HubServer:
         class Handler(_Handler):
             hub = server
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = _Server(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.endpoint = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
@@ -222,6 +228,27 @@ class _Handler(BaseHTTPRequestHandler):
             ]
             self._json(
                 {"id": m.group(1), "sha": commit, "siblings": siblings, "private": False}, path
+            )
+            return
+        m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)(?:/(.*))?", path)
+        if m:  # list_repo_tree (snapshot_download): one page, recursive
+            found = self._repo(m.group(1), m.group(2))
+            if found is None:
+                return
+            repo, commit = found
+            d = repo.commits[commit]
+            self._json(
+                [
+                    {
+                        "type": "file",
+                        "path": f.relative_to(d).as_posix(),
+                        "size": f.stat().st_size,
+                        "oid": hashlib.sha1(f.read_bytes()).hexdigest(),
+                    }
+                    for f in sorted(d.rglob("*"))
+                    if f.is_file()
+                ],
+                path,
             )
             return
         m = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)

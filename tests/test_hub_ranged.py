@@ -408,3 +408,16 @@ def test_patch_with_hub_base_and_aligned(hub: HubServer, models, tmp_path: Path)
         if is_target(n) and (".1." in n or ".3." in n)
     )
     assert hub.file_bytes <= 1.10 * (tb + sum(budget(d)[1] for d in models))
+
+
+def test_hub_adapter_through_the_same_endpoint(hub: HubServer, models, tmp_path: Path) -> None:
+    """Adapters still come whole (snapshot_download), from HF_ENDPOINT as read at call time."""
+    from safelora_cli.sources import resolve_adapter
+    from tests.model_trio import read
+
+    adapter = factory.write_adapter(tmp_path / "adapter", base=read(models[0]))
+    hub.add("org/lora", adapter, commit=COMMIT_B)
+    path, spec = resolve_adapter("org/lora")
+    assert spec.commit == COMMIT_B and (path / "adapter_config.json").is_file()
+    got = (path / "adapter_model.safetensors").read_bytes()
+    assert got == (adapter / "adapter_model.safetensors").read_bytes()
