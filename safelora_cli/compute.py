@@ -825,6 +825,8 @@ class _Share:
     bytes_read: int
     device: str
     failed: bool
+    fetched: int = 0  # bytes this rank received from the Hub (ranged reads, headers included)
+    shards_bytes: int = 0
 
 
 def _compute_distributed(
@@ -950,7 +952,13 @@ def _run_distributed(
     except Exception as e:
         err = e
     share = _Share(
-        dist.rank, written, degenerate, rb.bytes_read + ra.bytes_read - read0, str(dev), bool(err)
+        dist.rank,
+        written,
+        degenerate,
+        rb.bytes_read + ra.bytes_read - read0,
+        str(dev),
+        bool(err),
+        *hub_transfer(rb, ra),
     )
     results: list[_Share] = dist.all_gather(share)
 
@@ -1002,6 +1010,8 @@ def _run_distributed(
         device=f"{dist.world_size} processes ({', '.join(kinds)})",
         degenerate=natural_sorted({w for r in results for w in r.degenerate}),
         created=created,
+        fetched=sum(r.fetched for r in results),
+        shards_bytes=max((r.shards_bytes for r in results), default=0),
     )
 
 

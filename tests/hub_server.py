@@ -25,6 +25,7 @@ and close the connection).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import re
@@ -44,6 +45,12 @@ class _Repo:
     refs: dict[str, str] = field(default_factory=dict)
     commits: dict[str, Path] = field(default_factory=dict)
     gated: bool = False
+
+
+@functools.cache
+def _etag(f: Path) -> str:
+    """The file's ETag, as the Hub gives an LFS file's: its SHA-256 (files never change here)."""
+    return '"' + hashlib.sha256(f.read_bytes()).hexdigest() + '"'
 
 
 class _Server(ThreadingHTTPServer):
@@ -288,7 +295,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _file(self, f: Path, path: str, commit: str, *, head: bool) -> None:
         size = f.stat().st_size
-        etag = '"' + hashlib.sha256(f.read_bytes()).hexdigest() + '"'
+        etag = _etag(f)
         rng = self.headers.get("Range")
         start, end = 0, size - 1
         status = 200
