@@ -73,6 +73,11 @@ class HubServer:
         self._cut: list[tuple[str, int]] = []
         # True: answer a ranged GET with 200 and the whole file (a server that ignores Range).
         self.ignore_ranges = False
+        # Set: redirect resolve/ to the CDN path on this host name (another origin for the
+        # client, e.g. "localhost"), as the Hub redirects to its CDN.
+        self.cdn_host: str | None = None
+        # (path, Authorization header or None) of every request.
+        self.auth: list[tuple[str, str | None]] = []
         server = self
 
         class Handler(_Handler):
@@ -198,6 +203,7 @@ class _Handler(BaseHTTPRequestHandler):
         rng = self.headers.get("Range")
         with self.hub.lock:
             self.hub.log.append((self.command, path, rng))
+            self.hub.auth.append((path, self.headers.get("Authorization")))
         failed = self.hub._take(self.hub._fail, path)
         if failed is not None:
             self._error(failed[1], None, "injected failure")  # type: ignore[index]
@@ -276,7 +282,10 @@ class _Handler(BaseHTTPRequestHandler):
                 self._file(f, path, commit, head=head)
                 return
             self.send_response(302)
-            self.send_header("Location", f"/cdn/{repo_id}/{commit}/{name}")
+            where = f"/cdn/{repo_id}/{commit}/{name}"
+            if self.hub.cdn_host:
+                where = f"http://{self.hub.cdn_host}:{self.server.server_address[1]}{where}"
+            self.send_header("Location", where)
             self.send_header("X-Repo-Commit", commit)
             self.send_header("Content-Length", "0")
             self.end_headers()

@@ -421,3 +421,21 @@ def test_hub_adapter_through_the_same_endpoint(hub: HubServer, models, tmp_path:
     assert spec.commit == COMMIT_B and (path / "adapter_config.json").is_file()
     got = (path / "adapter_model.safetensors").read_bytes()
     assert got == (adapter / "adapter_model.safetensors").read_bytes()
+
+
+def test_token_sent_to_the_hub_not_to_the_cdn(
+    hub: HubServer, models, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The resolve/ redirect goes to another origin: the range survives it, the token does not."""
+    serve(hub, models)
+    hub.cdn_host = "localhost"
+    monkeypatch.setenv("HF_TOKEN", "hf_local_test_token")
+    names = ["model.layers.0.self_attn.q_proj.weight"]
+    reader, _ = open_model("org/base", label="base model", want=lambda _: names)
+    with reader:
+        want = factory.llama_weights(layers=4, hidden=64, intermediate=256, heads=4, kv_heads=2)
+        assert reader.read_bytes(names[0]) == want[names[0]].numpy().tobytes()
+    cdn = [a for p, a in hub.auth if p.startswith("/cdn/")]
+    hub_side = [a for p, a in hub.auth if "/resolve/" in p]
+    assert cdn and all(a is None for a in cdn)
+    assert hub_side and all(a == "Bearer hf_local_test_token" for a in hub_side)
