@@ -31,7 +31,13 @@ Contract:
 - Failure: a killed run leaves the cache marked in progress with only complete entries; the
   same command resumes it. A run that fails with an input error (e.g. NaN in a delta) removes
   a cache directory it created itself, and leaves an existing cache with the entries it had
-  plus any completed in this run (all valid), marked complete.
+  plus any completed in this run (all valid), marked complete. A Hub transfer that fails after
+  its retries (:class:`~safelora_cli.errors.FetchError`) keeps the entries of a cache this run
+  created too: the same command resumes, fetching only what is missing.
+- Hub models (``download="ranged"``, the default): each reader is told the weights about to
+  be read (:meth:`CheckpointReader.plan`), so adjacent ones come with one range; the summary's
+  ``fetched`` / ``shards_bytes`` say what came over the network of the shards' total, and the
+  progress object's optional ``fetched(nbytes, total)`` gets the running count.
 - Several processes (``dist=``, under ``accelerate launch`` / ``torchrun``; docs/scale-out.md):
   rank 0 creates or resumes the cache and splits the missing weights by :func:`target_cost`
   (:func:`split_targets`); each rank streams its share and writes its own entry files (other
@@ -62,9 +68,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from safelora_cli.errors import CacheError, CheckpointError, SafeLoraError, UsageError
+from safelora_cli.errors import (
+    CacheError,
+    CheckpointError,
+    FetchError,
+    SafeLoraError,
+    UsageError,
+)
 from safelora_cli.naming import natural_sorted
-from safelora_cli.progress import announce
+from safelora_cli.progress import announce, report_fetched, size_text
 from safelora_cli.projector import (
     GRAM,
     Projector,
@@ -150,6 +162,10 @@ class ComputeSummary:
     device: str
     degenerate: list[str] = field(default_factory=list)
     created: bool = False
+    # Hub models read by byte ranges: bytes received (headers and tensors), and the total size
+    # of the shards they were read from (what --download full would have fetched).
+    fetched: int = 0
+    shards_bytes: int = 0
 
     @property
     def weights(self) -> int:
@@ -163,10 +179,13 @@ class ComputeSummary:
             parts.append(f"{self.skipped} already cached")
         if self.degenerate:
             parts.append(f"{len(self.degenerate)} with no alignment signal (V = 0)")
-        return (
+        line = (
             f"{', '.join(parts)}; read {_mb(self.bytes_read)} in {self.seconds:.1f} s "
             f"on {self.device}; cache {self.cache_dir} is {_mb(self.cache_bytes)}"
         )
+        if self.shards_bytes:
+            line += f"; {fetched_line(self.fetched, self.shards_bytes)}"
+        return line
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -178,14 +197,26 @@ class ComputeSummary:
             "cache_bytes": self.cache_bytes,
             "device": self.device,
             "degenerate": list(self.degenerate),
+            "fetched": self.fetched,
+            "shards_bytes": self.shards_bytes,
         }
+
+
+def fetched_line(fetched: int, total: int) -> str:
+    """``fetched X of Y (the shards' total) from the Hub``: what ranged reads cost."""
+    return f"fetched {_mb(fetched)} of {_mb(total)} (the shards' total) from the Hub"
+
+
+def hub_transfer(*readers: CheckpointReader) -> tuple[int, int]:
+    """(bytes fetched, total size of the files read by byte ranges) over ``readers``."""
+    fetched = sum(r.bytes_fetched for r in readers)
+    total = sum(r.file_size(f) for r in readers for f in r.remote_files)
+    return fetched, total
 
 
 def _mb(n: int) -> str:
     """A byte count for people: kB below 0.1 MB, GB from 1 GB (decimal units)."""
-    if n >= 1e9:
-        return f"{n / 1e9:.2f} GB"
-    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+    return size_text(n)
 
 
 def _where(reader: CheckpointReader) -> Path:
@@ -483,8 +514,12 @@ def compute_projections(
     dtype: Any = None,
     dist: Dist | None = None,
     representation: str = "auto",
+    download: str = "ranged",
 ) -> ComputeSummary:
     """Compute and cache one projector per target weight (see the module docstring).
+
+    ``download`` (Hub models; :func:`safelora_cli.sources.open_model`): ``ranged`` fetches only
+    the target tensors' bytes, ``full`` whole shards into the Hugging Face cache.
 
     ``dist`` (:func:`safelora_cli.distributed.current`): split the work across the ranks of a
     multi-process launch (:func:`_run_distributed`); None (the default) is a single process.
@@ -509,10 +544,13 @@ def compute_projections(
             dist=dist,
             t0=t0,
             representation=representation,
+            download=download,
         )
     dev = _checked_request(adapters, targets, device)
     cache_dir = Path(cache_dir)
-    with _inputs(base, aligned, cache_dir, adapters, targets, revision_base, revision_aligned) as (
+    with _inputs(
+        base, aligned, cache_dir, adapters, targets, revision_base, revision_aligned, download
+    ) as (
         rb,
         ra,
         sb,
@@ -544,6 +582,7 @@ def _inputs(
     targets: str | None,
     revision_base: str | None,
     revision_aligned: str | None,
+    download: str = "ranged",
 ) -> Iterator[tuple[CheckpointReader, CheckpointReader, Any, Any, list[Target]]]:
     """Open both models, resolve the targets and check (headers only) those not yet cached."""
     from safelora_cli.adapter import load_adapter, orient_for_base
@@ -568,14 +607,20 @@ def _inputs(
             have = set(names)
             return [n for n in wanted if n in have]
 
-        rb, sb = open_model(base, revision=revision_base, label="base model", want=want_base)
+        rb, sb = open_model(
+            base, revision=revision_base, label="base model", want=want_base, download=download
+        )
         # Orientation as PEFT decides it, from the base's layer classes (as patch does): a
         # Conv1D adapter that mis-declares fan_in_fan_out must be cached the way patch asks.
         orient_for_base(loaded, (sb.config or {}).get("model_type"))
         with contextlib.ExitStack() as stack:
             stack.callback(rb.close)
             ra, sa = open_model(
-                aligned, revision=revision_aligned, label="aligned model", want=want_aligned
+                aligned,
+                revision=revision_aligned,
+                label="aligned model",
+                want=want_aligned,
+                download=download,
             )
             stack.callback(ra.close)
             tlist = resolve_targets(
@@ -618,7 +663,13 @@ def _stream_into(
         rb, ra, dev, pool=pool, pooled_output=True, representation=representation, digests={}
     )
     done = 0
+    # A Hub model read by byte ranges fetches runs of adjacent planned tensors at once.
+    for r in (rb, ra):
+        r.plan(t.weight for t in todo)
+    remote = bool(rb.remote_files or ra.remote_files)
     progress.start(len(todo), "computing projections")
+    if remote:
+        report_fetched(progress, *hub_transfer(rb, ra))
 
     def written(fut: Future[Any], t: Target) -> None:
         nonlocal done
@@ -626,6 +677,8 @@ def _stream_into(
         if entry.degenerate:
             degenerate.append(entry.weight)
         done += 1
+        if remote:
+            report_fetched(progress, *hub_transfer(rb, ra))
         progress.advance(1, rb.info(t.weight).nbytes + ra.info(t.weight).nbytes)
 
     try:
@@ -671,6 +724,7 @@ def _run(
 
     read0 = rb.bytes_read + ra.bytes_read  # checking a copy's tensors counts as read
     cache = ProjectionCache.create_or_resume(cache_dir, sb, sa, dtype=dtype, readers=(rb, ra))
+    shards_bytes = hub_transfer(rb, ra)[1]
     created = cache.created
     degenerate: list[str] = []
     todo: list[Target] = []
@@ -684,8 +738,10 @@ def _run(
         done = _stream_into(cache, rb, ra, todo, dev, dtype, progress, degenerate, representation)
         cache.finish()
     except (SafeLoraError, OSError) as e:
-        if created:
+        if created and not isinstance(e, FetchError):
             # A cache this run created and could not finish: remove it (nothing left behind).
+            # A Hub transfer that failed after its retries is not the inputs' fault: the
+            # entries computed so far stay, as after any other run, and a rerun resumes.
             cache.close()
             shutil.rmtree(cache_dir, ignore_errors=True)
         else:
@@ -708,6 +764,8 @@ def _run(
         device=str(dev),
         degenerate=degenerate,
         created=created,
+        fetched=hub_transfer(rb, ra)[0],
+        shards_bytes=shards_bytes,
     )
 
 
@@ -767,6 +825,8 @@ class _Share:
     bytes_read: int
     device: str
     failed: bool
+    fetched: int = 0  # bytes this rank received from the Hub (ranged reads, headers included)
+    shards_bytes: int = 0
 
 
 def _compute_distributed(
@@ -784,6 +844,7 @@ def _compute_distributed(
     dist: Dist,
     t0: float,
     representation: str = "auto",
+    download: str = "ranged",
 ) -> ComputeSummary:
     """compute-projections as one rank of several (docs/scale-out.md).
 
@@ -800,7 +861,14 @@ def _compute_distributed(
             dev = _checked_request(adapters, targets, rank_device(device, dist))
             rb, ra, sb, sa, tlist = stack.enter_context(
                 _inputs(
-                    base, aligned, cache_dir, adapters, targets, revision_base, revision_aligned
+                    base,
+                    aligned,
+                    cache_dir,
+                    adapters,
+                    targets,
+                    revision_base,
+                    revision_aligned,
+                    download,
                 )
             )
         except Exception as e:
@@ -884,7 +952,13 @@ def _run_distributed(
     except Exception as e:
         err = e
     share = _Share(
-        dist.rank, written, degenerate, rb.bytes_read + ra.bytes_read - read0, str(dev), bool(err)
+        dist.rank,
+        written,
+        degenerate,
+        rb.bytes_read + ra.bytes_read - read0,
+        str(dev),
+        bool(err),
+        *hub_transfer(rb, ra),
     )
     results: list[_Share] = dist.all_gather(share)
 
@@ -936,6 +1010,8 @@ def _run_distributed(
         device=f"{dist.world_size} processes ({', '.join(kinds)})",
         degenerate=natural_sorted({w for r in results for w in r.degenerate}),
         created=created,
+        fetched=sum(r.fetched for r in results),
+        shards_bytes=max((r.shards_bytes for r in results), default=0),
     )
 
 

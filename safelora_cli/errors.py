@@ -53,6 +53,14 @@ class SourceError(SafeLoraError):
     """A path or Hub id cannot be resolved (missing, not cached offline, gated, not found)."""
 
 
+class FetchError(SourceError):
+    """A transfer from the Hub failed after its retries (connection dropped, server errors).
+
+    Transient: a projection cache keeps the entries finished before it, and the same command
+    resumes (fetching only what is missing).
+    """
+
+
 class AdapterError(SafeLoraError):
     """A PEFT adapter directory is missing files, malformed or does not fit the model."""
 

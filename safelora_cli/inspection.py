@@ -444,6 +444,7 @@ def score(
     revision_base: str | None = None,
     revision_aligned: str | None = None,
     progress: Progress | None = None,
+    download: str = "ranged",
 ) -> list[AdapterReport]:
     """Score each adapter against a cache (``projections``) or ``base`` + ``aligned``.
 
@@ -472,6 +473,7 @@ def score(
             revision_base=revision_base,
             revision_aligned=revision_aligned,
             save_projections=None,
+            download=download,
         ) as (source, weight_for, sources):
             scored = score_adapters(
                 loaded, source, selection, weight_for=weight_for, progress=progress

@@ -419,12 +419,14 @@ def _open_inputs(
     targets: str | None,
     revision: str | None,
     revision_aligned: str | None,
+    download: str = "ranged",
 ) -> Iterator[_Inputs]:
     """FINETUNED (every shard) and ALIGNED (only the shards holding targets), checked."""
     from safelora_cli.sources import open_model
 
     _refuse_adapter(finetuned)
-    ft, ft_spec = open_model(finetuned, revision=revision, label=FT_LABEL)
+    # Every byte of FINETUNED is read (and its targets twice): whole shards cost least.
+    ft, ft_spec = open_model(finetuned, revision=revision, label=FT_LABEL, download="full")
     try:
         _refuse_adapter(finetuned, ft)
         wanted = candidate_names(ft.names(), targets)
@@ -433,6 +435,7 @@ def _open_inputs(
             revision=revision_aligned,
             label="aligned model",
             want=lambda names: _present(wanted, names),
+            download=download,
         )
         try:
             if {f.resolve() for f in ft.files} & {f.resolve() for f in al.files}:
@@ -483,6 +486,7 @@ def open_model_source(
     target_spec: str | None,
     device: str,
     revision_base: str | None,
+    download: str = "ranged",
 ) -> Iterator[tuple[Any, dict[str, Any]]]:
     """``(ProjectorSource, provenance)`` for ``targets``, every one checked before yielding.
 
@@ -531,6 +535,7 @@ def open_model_source(
         revision=revision_base,
         label="base model",
         want=lambda all_names: _present(names, all_names),
+        download=download,
     )
     try:
         source = StreamingProjectorSource(br, inputs.aligned, device=dev)
@@ -955,6 +960,7 @@ def score_model(
     revision_aligned: str | None = None,
     revision_base: str | None = None,
     progress: Progress | None = None,
+    download: str = "ranged",
 ) -> ModelReport:
     """What ``patch-model --dry-run`` computes (``inspect FINETUNED --aligned ...``); nothing is
     written. ``output`` is None in the report."""
@@ -981,6 +987,7 @@ def score_model(
             targets=targets,
             revision=revision,
             revision_aligned=revision_aligned,
+            download=download,
         ) as inputs,
         open_model_source(
             inputs,
@@ -990,6 +997,7 @@ def score_model(
             target_spec=targets,
             device=device,
             revision_base=revision_base,
+            download=download,
         ) as (source, sources),
     ):
         scores = _score_targets(inputs, source, inputs.targets, progress)
@@ -1015,6 +1023,7 @@ def patch_model(
     revision_base: str | None = None,
     progress: Progress | None = None,
     dist: Dist | None = None,
+    download: str = "ranged",
 ) -> ModelReport:
     """Patch the fine-tuned model ``finetuned`` into ``output`` (module docstring).
 
@@ -1040,6 +1049,7 @@ def patch_model(
             revision_base=revision_base,
             progress=progress,
             dist=dist,
+            download=download,
         )
     from safelora_cli.compute import limit_heap_retention
 
@@ -1050,7 +1060,12 @@ def patch_model(
         [("aligned model", aligned), ("base model", base), ("projection cache", projections)]
     )
     with _open_inputs(
-        finetuned, aligned, targets=targets, revision=revision, revision_aligned=revision_aligned
+        finetuned,
+        aligned,
+        targets=targets,
+        revision=revision,
+        revision_aligned=revision_aligned,
+        download=download,
     ) as inputs:
         plan = _plan(inputs, Path(output), force, others)
         with open_model_source(
@@ -1061,6 +1076,7 @@ def patch_model(
             target_spec=targets,
             device=device,
             revision_base=revision_base,
+            download=download,
         ) as (source, sources):
             scores = _score_targets(inputs, source, inputs.targets, progress)
             report = decide(finetuned, inputs.ft_spec.path, scores, selection)
@@ -1102,6 +1118,7 @@ def _patch_model_distributed(
     revision_base: str | None,
     progress: Progress | None,
     dist: Dist,
+    download: str = "ranged",
 ) -> ModelReport:
     """patch-model as one rank of several (module docstring; docs/scale-out.md).
 
@@ -1139,6 +1156,7 @@ def _patch_model_distributed(
                     targets=targets,
                     revision=revision,
                     revision_aligned=revision_aligned,
+                    download=download,
                 )
             )
             plan = _plan(inputs, output, force, others)
@@ -1155,6 +1173,7 @@ def _patch_model_distributed(
                     target_spec=targets,
                     device=rank_device(device, dist),
                     revision_base=revision_base,
+                    download=download,
                 )
             )
             my_scores = _score_targets(

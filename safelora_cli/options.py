@@ -51,6 +51,15 @@ Representation = Annotated[
         "docs/algorithm.md), gram (C = V V^T / ||V||_F) or factor (F = V / sqrt(||V||_F)).",
     ),
 ]
+Download = Annotated[
+    str,
+    typer.Option(
+        "--download",
+        help="Hub models: ranged (fetch only the needed tensors' bytes; shards already in the "
+        "Hugging Face cache are read from disk) or full (download the needed shards whole into "
+        "the Hugging Face cache, as hf download does).",
+    ),
+]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")]
 Json = Annotated[
     bool, typer.Option("--json", help="Print one JSON object per adapter per line on stdout.")

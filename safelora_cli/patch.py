@@ -109,6 +109,7 @@ def patch_adapters(
     dist: Dist | None = None,
     representation: str = "auto",
     allow_unchanged: bool = False,
+    download: str = "ranged",
 ) -> list[AdapterReport]:
     """Patch ``adapters`` into ``output`` (see the module docstring for every rule).
 
@@ -139,6 +140,7 @@ def patch_adapters(
             dist=dist,
             representation=representation,
             allow_unchanged=allow_unchanged,
+            download=download,
         )
     check_flags(
         adapters,
@@ -169,6 +171,7 @@ def patch_adapters(
             revision_aligned=revision_aligned,
             save_projections=save_projections,
             representation=representation,
+            download=download,
         ) as (source, weight_for, sources):
             scored = score_adapters(
                 loaded, source, selection, weight_for=weight_for, progress=progress
@@ -456,6 +459,7 @@ def _patch_distributed(
     dist: Dist,
     representation: str = "auto",
     allow_unchanged: bool = False,
+    download: str = "ranged",
 ) -> list[AdapterReport]:
     """patch as one rank of several (docs/scale-out.md).
 
@@ -508,6 +512,7 @@ def _patch_distributed(
                     revision_aligned=revision_aligned,
                     save_projections=None,
                     representation=representation,
+                    download=download,
                 ) as (source, weight_for, sources):
                     scored = score_adapters(
                         subset,

@@ -5,7 +5,9 @@ on stderr, batch scripts pass nothing (:class:`NullProgress`) or their own objec
 methods (a callback: docs/batch.md).
 
 ``item(name)`` is optional: a progress object without it still works; the library calls it
-through :func:`announce` with the weight it is working on, so a bar can name it.
+through :func:`announce` with the weight it is working on, so a bar can name it. So is
+``fetched(nbytes, total)`` (:func:`report_fetched`): bytes received from the Hub by ranged
+reads so far, and the total size of the shards they come from.
 """
 
 from __future__ import annotations
@@ -40,6 +42,21 @@ class NullProgress:
 
     def finish(self) -> None:
         pass
+
+
+def size_text(n: int) -> str:
+    """A byte count for people (decimal units): kB below 0.1 MB, GB from 1 GB."""
+    if n >= 1e9:
+        return f"{n / 1e9:.2f} GB"
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def report_fetched(progress: object | None, fetched: int, total: int) -> None:
+    """Tell ``progress`` how many bytes came from the Hub so far (``total``: the size of the
+    files read by byte ranges), if it has a ``fetched(nbytes, total)`` method."""
+    fn = getattr(progress, "fetched", None)
+    if callable(fn):
+        fn(fetched, total)
 
 
 def announce(progress: object | None, name: str) -> None:

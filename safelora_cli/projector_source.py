@@ -109,6 +109,7 @@ def open_projector_source(
     revision_aligned: str | None,
     save_projections: Path | None,
     representation: str = "auto",
+    download: str = "ranged",
 ) -> Iterator[tuple[Any, Callable[[LoraModule], str], dict[str, Any]]]:
     """``(ProjectorSource, weight_for, provenance)``; everything checked before yielding.
 
@@ -161,11 +162,19 @@ def open_projector_source(
         return pick
 
     base_reader, base_spec = open_model(
-        base, revision=revision_base, label="base model", want=want("base model")
+        base,
+        revision=revision_base,
+        label="base model",
+        want=want("base model"),
+        download=download,
     )
     try:
         aligned_reader, aligned_spec = open_model(
-            aligned, revision=revision_aligned, label="aligned model", want=want("aligned model")
+            aligned,
+            revision=revision_aligned,
+            label="aligned model",
+            want=want("aligned model"),
+            download=download,
         )
     except BaseException:
         base_reader.close()

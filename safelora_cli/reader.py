@@ -36,7 +36,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from safelora_cli.errors import CheckpointError
 from safelora_cli.fsio import EMFILE_HINT, NotRegularFile, emfile_hint, kind_of, open_regular
@@ -51,6 +51,10 @@ MAX_HEADER_BYTES = 100_000_000
 MAX_JSON_BYTES = 64_000_000
 MAX_OPEN_FILES = 4
 MAX_NDIM = 64
+# A read of a remote (ranged) file takes the tensors planned right after the asked one, when
+# they are adjacent in the file, into the same run while the run stays within this many bytes;
+# the extra tensors wait in a stash until asked for (memory: at most this much per reader).
+MAX_RUN_BYTES = 64 << 20
 # Linux returns at most 0x7ffff000 bytes per read call; stay well below.
 _CHUNK = 1 << 30
 
@@ -218,6 +222,31 @@ class FileHeader:
     ident: tuple[int, int, int, int] | None = None
 
 
+class ByteSource(Protocol):
+    """Where a file's bytes come from when it is not a local file: e.g. a Hub file read by byte
+    ranges (:class:`safelora_cli.hub.HubFile`). The reader parses its header with the same
+    :func:`parse_header` as a local file's and reads tensors through :meth:`read_into`.
+    """
+
+    size: int  # the file's size in bytes (as the server states it)
+
+    def read(self, offset: int, n: int) -> bytes:
+        """Exactly ``n`` bytes at ``offset`` (headers; small)."""
+        ...
+
+    def read_into(self, offset: int, views: list[memoryview]) -> None:
+        """Fill ``views`` with the file's bytes from ``offset`` on, in order (contiguous).
+
+        Every byte count is checked; a failure raises a :class:`SafeLoraError`.
+        """
+        ...
+
+    @property
+    def fetched(self) -> int:
+        """Bytes received so far (headers and tensors)."""
+        ...
+
+
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -247,14 +276,32 @@ def _bad(label: str, path: Path, what: str, hint: str | None = None) -> Checkpoi
     )
 
 
+def header_length(raw_len: bytes, size: int, path: Path, label: str) -> int:
+    """The JSON header's length from a file's first 8 bytes, checked against ``size``.
+
+    The one bound on a header length, for local files and ranged Hub reads alike: at most
+    :data:`MAX_HEADER_BYTES` and inside the file (a remote file's size comes from the server's
+    HEAD answer, so a hostile length is refused before the header is asked for).
+    """
+    if len(raw_len) < 8:
+        raise _bad(label, path, f"file is too short ({size} bytes) to be safetensors")
+    n = int.from_bytes(raw_len[:8], "little")
+    if n > MAX_HEADER_BYTES:
+        raise _bad(label, path, f"header length {n} exceeds {MAX_HEADER_BYTES} bytes")
+    if 8 + n > size:
+        raise _bad(
+            label,
+            path,
+            f"file is truncated: header says {n} bytes but the file has {size}",
+            hint="the download or copy was interrupted; fetch the file again",
+        )
+    return n
+
+
 def read_header(path: str | Path, *, label: str = "checkpoint") -> FileHeader:
     """Parse and validate the header of one safetensors file without reading tensor data.
 
-    Checks: 8-byte little-endian length within bounds and within the file; a JSON object
-    (no duplicate keys, bounded nesting); each entry has a known ``dtype``, a ``shape`` of
-    non-negative ints and ``data_offsets`` [begin, end] with ``end - begin`` equal to
-    ``prod(shape) * itemsize``, inside the data section and not overlapping another tensor;
-    ``__metadata__`` maps str to str.
+    The checks are :func:`parse_header`'s (the same code validates ranged Hub headers).
     """
     path = Path(path)
     try:
@@ -263,18 +310,7 @@ def read_header(path: str | Path, *, label: str = "checkpoint") -> FileHeader:
             st = os.fstat(fh.fileno())
             size = st.st_size
             raw_len = fh.read(8)
-            if len(raw_len) < 8:
-                raise _bad(label, path, f"file is too short ({size} bytes) to be safetensors")
-            n = int.from_bytes(raw_len, "little")
-            if n > MAX_HEADER_BYTES:
-                raise _bad(label, path, f"header length {n} exceeds {MAX_HEADER_BYTES} bytes")
-            if 8 + n > size:
-                raise _bad(
-                    label,
-                    path,
-                    f"file is truncated: header says {n} bytes but the file has {size}",
-                    hint="the download or copy was interrupted; fetch the file again",
-                )
+            n = header_length(raw_len, size, path, label)
             raw = fh.read(n)
     except OSError as e:
         raise CheckpointError(
@@ -282,6 +318,47 @@ def read_header(path: str | Path, *, label: str = "checkpoint") -> FileHeader:
             hint=_open_hint(e, "check that the file exists and is readable"),
             path=path,
         ) from e
+    return parse_header(
+        raw,
+        size=size,
+        path=path,
+        label=label,
+        ident=(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns),
+    )
+
+
+def read_remote_header(source: ByteSource, path: Path, *, label: str) -> FileHeader:
+    """The validated header of a file read by byte ranges: 8 bytes, then the header itself.
+
+    ``path`` names the file (where it would be in a snapshot); nothing is opened there.
+    """
+    size = source.size
+    raw_len = source.read(0, min(8, size))
+    n = header_length(raw_len, size, path, label)
+    raw = source.read(8, n)
+    if len(raw) != n:
+        raise _bad(label, path, f"header: {len(raw)} bytes received, {n} expected")
+    return parse_header(raw, size=size, path=path, label=label)
+
+
+def parse_header(
+    raw: bytes,
+    *,
+    size: int,
+    path: Path,
+    label: str = "checkpoint",
+    ident: tuple[int, int, int, int] | None = None,
+) -> FileHeader:
+    """Parse and validate a safetensors JSON header (``raw``, the bytes after the 8-byte length)
+    of a file of ``size`` bytes.
+
+    Checks: a JSON object (no duplicate keys, bounded nesting); each entry has a known
+    ``dtype``, a ``shape`` of non-negative ints and ``data_offsets`` [begin, end] with
+    ``end - begin`` equal to ``prod(shape) * itemsize``, inside the data section and not
+    overlapping another tensor; ``__metadata__`` maps str to str. The length itself was checked
+    by :func:`header_length`.
+    """
+    n = len(raw)
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except RecursionError:
@@ -355,9 +432,7 @@ def read_header(path: str | Path, *, label: str = "checkpoint") -> FileHeader:
     for (_, e0, n0), (b1, _, n1) in itertools.pairwise(spans):
         if b1 < e0:
             raise _bad(label, path, f"tensors {n0!r} and {n1!r} overlap")
-    return FileHeader(
-        path, size, tensors, metadata, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-    )
+    return FileHeader(path, size, tensors, metadata, ident)
 
 
 def _open_hint(e: OSError, default: str) -> str:
@@ -423,8 +498,11 @@ def containment_root(root: Path) -> Path:
     return root
 
 
-def _shard_path(root: Path, shard: str, index: Path, label: str) -> Path:
-    """``root/shard``, refusing names that leave ``root`` (absolute, ``..``, symlink escape)."""
+def _shard_path(root: Path, shard: str, index: Path, label: str, *, local: bool = True) -> Path:
+    """``root/shard``, refusing names that leave ``root`` (absolute, ``..``, symlink escape).
+
+    ``local=False``: a shard read by byte ranges; only its name is checked (nothing is on disk).
+    """
     hint = "the index must name shard files inside its own directory; fix or re-download it"
     p = Path(shard)
     if not shard or p.is_absolute() or ".." in p.parts or "\\" in shard or "\x00" in shard:
@@ -434,6 +512,8 @@ def _shard_path(root: Path, shard: str, index: Path, label: str) -> Path:
             path=index,
         )
     full = root / p
+    if not local:
+        return full
     try:
         resolved = full.resolve()
     except (OSError, RuntimeError) as e:
@@ -475,6 +555,7 @@ class CheckpointReader:
         names: Iterable[str] | None = None,
         unfetched: dict[str, str] | None = None,
         index_path: Path | None = None,
+        remote: dict[Path, ByteSource] | None = None,
     ):
         self.label = label
         self.root = Path(root)
@@ -498,6 +579,16 @@ class CheckpointReader:
             self._infos = {k: v for k, v in self._infos.items() if k in keep}
         self._names = natural_sorted(self._infos)
         self._unfetched = dict(unfetched or {})
+        # Files read by byte ranges (path -> source); every other file is read with pread.
+        self._remote: dict[Path, ByteSource] = dict(remote or {})
+        # Per remote file, its tensors in file order (for runs of adjacent planned tensors).
+        self._order: dict[Path, list[TensorInfo]] = {
+            path: sorted(h.tensors.values(), key=lambda t: (t.start, t.nbytes))
+            for path, h in self._headers.items()
+            if path in self._remote
+        }
+        self._planned: set[str] = set()
+        self._stash: OrderedDict[str, bytearray] = OrderedDict()
         self._fds: OrderedDict[Path, int] = OrderedDict()
         # How many files stay open between reads (LRU). 0: each read opens and closes its
         # file, so a caller holding thousands of readers (adapters) holds no descriptors.
@@ -582,13 +673,20 @@ class CheckpointReader:
 
     @classmethod
     def from_index(
-        cls, index: str | Path, *, label: str, shards: Iterable[str] | None = None
+        cls,
+        index: str | Path,
+        *,
+        label: str,
+        shards: Iterable[str] | None = None,
+        remote: dict[str, ByteSource] | None = None,
     ) -> CheckpointReader:
         """Open ``index`` (a ``*.safetensors.index.json``) and its shards.
 
         ``shards``: only these shard names (as written in the index) are opened; names held by
         the others stay known (``info``/``load`` say they were not fetched) but are not listed
         by :meth:`names`. Used for Hub models where only the needed shards are downloaded.
+        ``remote``: shard name -> :class:`ByteSource` for shards read by byte ranges (not on
+        disk); their headers are fetched and validated exactly as local ones.
         """
         index = Path(index)
         root = index.parent
@@ -610,8 +708,12 @@ class CheckpointReader:
             if only is not None and shard not in only:
                 unfetched.update(dict.fromkeys(by_shard[shard], shard))
                 continue
-            sp = _shard_path(root, shard, index, label)
-            h = read_header(sp, label=label)
+            if remote is not None and shard in remote:
+                sp = _shard_path(root, shard, index, label, local=False)
+                h = read_remote_header(remote[shard], sp, label=label)
+            else:
+                sp = _shard_path(root, shard, index, label)
+                h = read_header(sp, label=label)
             absent = [n for n in by_shard[shard] if n not in h.tensors]
             if absent:
                 raise CheckpointError(
@@ -622,15 +724,39 @@ class CheckpointReader:
                 )
             headers.append(h)
             kept.extend(by_shard[shard])
+        read = {h.path for h in headers}
+        ranged = {root / s: src for s, src in (remote or {}).items() if root / s in read}
         return cls(
-            headers, label=label, root=root, names=kept, unfetched=unfetched, index_path=index
+            headers,
+            label=label,
+            root=root,
+            names=kept,
+            unfetched=unfetched,
+            index_path=index,
+            remote=ranged,
         )
 
     @classmethod
-    def from_files(cls, files: list[Path], *, label: str, root: Path) -> CheckpointReader:
-        """A reader over exactly these safetensors files (no index); names must not repeat."""
-        headers = [read_header(Path(f), label=label) for f in files]
-        return cls(headers, label=label, root=Path(root))
+    def from_files(
+        cls,
+        files: list[Path],
+        *,
+        label: str,
+        root: Path,
+        remote: dict[Path, ByteSource] | None = None,
+    ) -> CheckpointReader:
+        """A reader over exactly these safetensors files (no index); names must not repeat.
+
+        ``remote``: file -> :class:`ByteSource` for files read by byte ranges (not on disk).
+        """
+        remote = {Path(k): v for k, v in (remote or {}).items()}
+        headers = [
+            read_remote_header(remote[Path(f)], Path(f), label=label)
+            if Path(f) in remote
+            else read_header(Path(f), label=label)
+            for f in files
+        ]
+        return cls(headers, label=label, root=Path(root), remote=remote)
 
     # -- queries ------------------------------------------------------------------------------
 
@@ -720,10 +846,73 @@ class CheckpointReader:
                 _, fd = self._fds.popitem()
                 os.close(fd)
 
+    # -- remote (ranged) files ------------------------------------------------------------------
+
+    def plan(self, names: Iterable[str]) -> None:
+        """Say which tensors will be read: a remote file then fetches a run of adjacent planned
+        tensors with one request (see :data:`MAX_RUN_BYTES`). No effect on local files."""
+        with self._lock:
+            self._planned = {n for n in names if n in self._infos}
+
+    @property
+    def remote_files(self) -> list[Path]:
+        """The files of this reader read by byte ranges (sorted)."""
+        return sorted(self._remote)
+
+    def file_size(self, path: Path) -> int:
+        """The size of ``path`` (a file of this reader) as its header was read."""
+        return self._headers[Path(path)].size
+
+    @property
+    def bytes_fetched(self) -> int:
+        """Bytes received for this reader's remote files (headers and tensors)."""
+        return sum(src.fetched for src in self._remote.values())
+
+    def _run(self, ti: TensorInfo) -> list[TensorInfo]:
+        """``ti`` and the planned tensors right after it in its file, within MAX_RUN_BYTES."""
+        run = [ti]
+        order = self._order[ti.path]
+        total, end = ti.nbytes, ti.start + ti.nbytes
+        i = next(k for k, t in enumerate(order) if t.name == ti.name) + 1
+        while i < len(order):
+            t = order[i]
+            i += 1
+            if t.nbytes == 0:
+                continue
+            if t.start != end or t.name not in self._planned or t.name in self._stash:
+                break
+            if total + t.nbytes > MAX_RUN_BYTES:
+                break
+            run.append(t)
+            total += t.nbytes
+            end += t.nbytes
+        return run
+
+    def _read_remote(self, ti: TensorInfo, view: memoryview) -> None:
+        stashed = self._stash.pop(ti.name, None)
+        if stashed is not None:
+            view[:] = stashed
+            return
+        run = self._run(ti)
+        extra = [bytearray(t.nbytes) for t in run[1:]]
+        self._remote[ti.path].read_into(ti.start, [view, *(memoryview(b) for b in extra)])
+        self._planned.discard(ti.name)
+        for t, b in zip(run[1:], extra, strict=True):
+            self._stash[t.name] = b
+            self._planned.discard(t.name)
+        # Bounded: tensors stashed but never asked for go first.
+        while sum(len(b) for b in self._stash.values()) > MAX_RUN_BYTES:
+            self._stash.popitem(last=False)
+
     def _read_into(self, ti: TensorInfo, buf: bytearray | memoryview) -> None:
         if self._closed:
             raise CheckpointError(f"{self.label}: reader is closed", path=ti.path)
         view = memoryview(buf)
+        if ti.path in self._remote:
+            with self._lock:
+                self._read_remote(ti, view[: ti.nbytes])
+                self.bytes_read += ti.nbytes
+            return
         done = 0
         with self._lock:
             fd = self._fd(ti.path)
@@ -808,6 +997,7 @@ class CheckpointReader:
     def close(self) -> None:
         """Close every open file handle (the reader can no longer read)."""
         with self._lock:
+            self._stash.clear()
             while self._fds:
                 _, fd = self._fds.popitem()
                 os.close(fd)

@@ -13,6 +13,8 @@ import unicodedata
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
+from safelora_cli.progress import size_text
+
 if TYPE_CHECKING:
     from rich.console import Console
 
@@ -134,11 +136,13 @@ class RichProgress:
         self._bar = None
         self._task = None
         self._bytes = 0
+        self._fetched: tuple[int, int] | None = None
         self._t0 = time.perf_counter()
 
     def start(self, total: int, description: str) -> None:
         self._t0 = time.perf_counter()
         self._bytes = 0
+        self._fetched = None
         if not self.enabled:
             return
         from rich.markup import escape as markup_escape
@@ -183,12 +187,30 @@ class RichProgress:
 
             self._bar.update(self._task, item=markup_escape(safe_text(name)))
 
+    def fetched(self, nbytes: int, total: int) -> None:
+        """Bytes received from the Hub so far by ranged reads, of ``total`` (the shards' size):
+        the rate column then shows them and the download rate instead of the read rate."""
+        if self._fetched is None:
+            self._fetched = (nbytes, nbytes)  # (at start, now): the rate counts this run only
+        else:
+            self._fetched = (self._fetched[0], nbytes)
+        self._fetched_total = total
+        self.advance(0)
+
     def advance(self, units: int = 1, nbytes: int = 0) -> None:
         self._bytes += nbytes
         if self._bar is None:
             return
         dt = max(time.perf_counter() - self._t0, 1e-9)
-        self._bar.update(self._task, advance=units, rate=f"{self._bytes / dt / 1e6:7.1f} MB/s")
+        if self._fetched is not None:
+            first, now = self._fetched
+            rate = (
+                f"fetched {size_text(now)} of {size_text(self._fetched_total)} "
+                f"{(now - first) / dt / 1e6:6.1f} MB/s"
+            )
+        else:
+            rate = f"{self._bytes / dt / 1e6:7.1f} MB/s"
+        self._bar.update(self._task, advance=units, rate=rate)
 
     def finish(self) -> None:
         if self._bar is not None:

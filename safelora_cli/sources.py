@@ -5,8 +5,12 @@ it must be a Hub id of the form ``org/name`` (with an optional revision: branch,
 
 Hub models: the repository's file list and resolved commit come first (one API call, or the
 local cache under ``HF_HUB_OFFLINE``), then ``config.json`` and ``model.safetensors.index.json``,
-then only the shards holding the tensors ``want(all_names)`` asks for. Every later download is
-pinned to the resolved commit, so a branch moving mid-run cannot mix two versions.
+then, of the shards holding the tensors ``want(all_names)`` asks for, only the headers and the
+bytes of the tensors read (``download="ranged"``: :mod:`safelora_cli.hub`, nothing written to
+the Hugging Face cache; a shard already complete there is read from disk), or the whole shards
+into that cache (``download="full"``, and always under ``HF_HUB_OFFLINE``). Every later request
+is pinned to the resolved commit, so a branch moving mid-run cannot mix two versions.
+``HF_ENDPOINT`` is read at call time and passed to every huggingface_hub call.
 
 Environment, read at call time (not at import): ``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``
 (cache only, no network), ``HF_HUB_CACHE`` / ``HUGGINGFACE_HUB_CACHE`` / ``HF_HOME`` /
@@ -47,7 +51,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from safelora_cli.errors import AdapterError, CheckpointError, SourceError
 from safelora_cli.naming import natural_sorted
@@ -59,6 +63,9 @@ from safelora_cli.reader import (
     CheckpointReader,
     read_index,
 )
+
+if TYPE_CHECKING:
+    from safelora_cli.hub import HubFile
 
 CONFIG_NAME = "config.json"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -76,6 +83,10 @@ ADAPTER_PATTERNS = [
     "*.tiktoken",
 ]
 ADAPTER_IGNORE = ["*/*"]
+
+# --download: read only the needed tensors' bytes (default), or whole shards into the HF cache.
+RANGED, FULL = "ranged", "full"
+DOWNLOAD_MODES = (RANGED, FULL)
 
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -472,10 +483,11 @@ def hub_error(
     rev = revision or "main"
     what = f"{filename} of Hub repo {repo_id}@{rev}" if filename else f"Hub repo {repo_id}@{rev}"
     login = "log in with `hf auth login` or set HF_TOKEN"
+    page = f"{_model_page_root()}/{repo_id}"
     if isinstance(e, GatedRepoError):
         return SourceError(
             f"Hub repo {repo_id} is gated and this account has no access",
-            hint=f"request access at https://huggingface.co/{repo_id}, then {login}",
+            hint=f"accept the licence on the model page ({page}), then {login}",
             path=repo_id,
         )
     if isinstance(e, RepositoryNotFoundError):
@@ -521,7 +533,8 @@ def hub_error(
         if status in (401, 403):
             return SourceError(
                 f"access to {what} was refused (HTTP {status})",
-                hint=f"{login} with a token that can read {repo_id}",
+                hint=f"if the model is gated, accept the licence on the model page ({page}); "
+                f"then {login} with a token that can read {repo_id}",
                 path=repo_id,
             )
         return SourceError(
@@ -545,7 +558,14 @@ def hub_error(
     )
 
 
-def _is_hub_failure(e: BaseException) -> bool:
+def _model_page_root() -> str:
+    """Where model pages are: the Hub endpoint (``HF_ENDPOINT``), huggingface.co by default."""
+    from safelora_cli.hub import hub_endpoint
+
+    return hub_endpoint()
+
+
+def is_hub_failure(e: BaseException) -> bool:
     """Exceptions from huggingface_hub / the network that :func:`hub_error` turns into messages."""
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError
 
@@ -606,7 +626,9 @@ def _remote_listing(repo_id: str, revision: str | None) -> tuple[str, list[str]]
     """Commit and file list from the Hub (one API call)."""
     from huggingface_hub import HfApi
 
-    info = HfApi().model_info(repo_id, revision=revision, token=_token())
+    from safelora_cli.hub import hub_endpoint
+
+    info = HfApi(endpoint=hub_endpoint()).model_info(repo_id, revision=revision, token=_token())
     files = sorted(s.rfilename for s in (info.siblings or []))
     if not info.sha:
         raise SourceError(f"Hub repo {repo_id} returned no commit sha", path=repo_id)
@@ -628,7 +650,7 @@ def _listing(repo_id: str, revision: str | None) -> tuple[str, list[str], bool]:
 
         if isinstance(e, (HfHubHTTPError, HFValidationError)):
             raise hub_error(e, repo_id, revision) from None
-        if not _is_hub_failure(e):
+        if not is_hub_failure(e):
             raise
         # No connection: use what the cache holds, as huggingface_hub itself does.
         try:
@@ -644,6 +666,8 @@ def hub_download(
     """One file of ``repo_id`` at ``commit`` into the cache (or from it when offline)."""
     from huggingface_hub import hf_hub_download
 
+    from safelora_cli.hub import hub_endpoint
+
     try:
         return Path(
             hf_hub_download(
@@ -653,10 +677,11 @@ def hub_download(
                 cache_dir=str(hub_cache_dir()),
                 token=_token(),
                 local_files_only=offline,
+                endpoint=hub_endpoint(),
             )
         )
     except Exception as e:
-        if _is_hub_failure(e):
+        if is_hub_failure(e):
             raise hub_error(e, repo_id, revision, filename) from None
         raise
 
@@ -697,11 +722,80 @@ def _pick_weights(files: list[str], repo_id: str, rev: str, label: str) -> tuple
     )
 
 
+def check_download(mode: str) -> str:
+    """``mode`` if it is one of :data:`DOWNLOAD_MODES`, else UsageError (exit 2)."""
+    m = (mode or RANGED).strip().lower()
+    if m not in DOWNLOAD_MODES:
+        from safelora_cli.errors import UsageError
+
+        raise UsageError(
+            f"--download {mode!r} is not one of {', '.join(DOWNLOAD_MODES)}",
+            hint="ranged: fetch only the needed tensors' bytes; full: whole shards into the "
+            "Hugging Face cache",
+        )
+    return m
+
+
+def _cached_file(repo_id: str, filename: str, commit: str) -> Path | None:
+    """``filename`` at ``commit`` when the Hugging Face cache holds it complete, else None.
+
+    huggingface_hub writes a blob as ``<etag>.incomplete`` and renames it when it is whole, so
+    a snapshot entry that resolves to a regular file is a complete file.
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    got = try_to_load_from_cache(repo_id, filename, cache_dir=str(hub_cache_dir()), revision=commit)
+    if isinstance(got, str) and Path(got).is_file():
+        return Path(got)
+    return None
+
+
+def _weight_sources(
+    repo_id: str,
+    names: list[str],
+    *,
+    commit: str,
+    revision: str | None,
+    offline: bool,
+    download: str,
+) -> tuple[dict[str, Path], dict[str, HubFile]]:
+    """Per weight file: a complete local file (the HF cache), or a file read by byte ranges.
+
+    ``full`` or offline: every file through ``hf_hub_download`` (whole, into the cache; cache
+    only when offline). ``ranged``: a file already complete in the cache is read from disk,
+    the others by byte ranges (one HEAD each; nothing written to the HF cache).
+    """
+    from safelora_cli.hub import hub_endpoint, open_file
+
+    local: dict[str, Path] = {}
+    remote: dict[str, HubFile] = {}
+    for name in names:
+        if offline or download == FULL:
+            local[name] = hub_download(
+                repo_id, name, commit=commit, revision=revision, offline=offline
+            )
+            continue
+        cached = _cached_file(repo_id, name, commit)
+        if cached is not None:
+            local[name] = cached
+        else:
+            remote[name] = open_file(
+                repo_id,
+                name,
+                commit=commit,
+                revision=revision,
+                token=_token(),
+                endpoint=hub_endpoint(),
+            )
+    return local, remote
+
+
 def _open_hub(
     repo_id: str,
     revision: str | None,
     label: str,
     want: Callable[[list[str]], Iterable[str]] | None,
+    download: str = "ranged",
 ) -> tuple[CheckpointReader, SourceSpec]:
     commit, files, offline = _listing(repo_id, revision)
     rev = revision or "main"
@@ -715,25 +809,45 @@ def _open_hub(
     if CONFIG_NAME in files:
         fetched[CONFIG_NAME] = get(CONFIG_NAME)
         config = _read_config(fetched[CONFIG_NAME], label=label)
-    fetched[weights] = first = get(weights)
+    # Where huggingface_hub puts this commit's files (ranged files are never written there).
+    snap = _repo_folder(repo_id) / "snapshots" / commit
+
+    def sources_for(names: list[str]) -> tuple[dict[str, Path], dict[str, HubFile]]:
+        return _weight_sources(
+            repo_id, names, commit=commit, revision=revision, offline=offline, download=download
+        )
+
     if is_index:
+        fetched[weights] = first = get(weights)
+        snap = first.parent
         wm = read_index(first, label)
         all_names = natural_sorted(wm)
         wanted = all_names if want is None else list(want(all_names))
         shards = sorted({wm[n] for n in wanted if n in wm})
-        for s in shards:
-            fetched[s] = get(s)
-        reader = CheckpointReader.from_index(first, label=label, shards=shards)
+        local, remote = sources_for(shards)
+        fetched.update(local)
+        reader = CheckpointReader.from_index(first, label=label, shards=shards, remote=remote)
     else:
-        reader = CheckpointReader.from_files([first], label=label, root=first.parent)
+        local, remote = sources_for([weights])
+        fetched.update(local)
+        path = local[weights] if weights in local else snap / weights
+        snap = path.parent
+        reader = CheckpointReader.from_files(
+            [path],
+            label=label,
+            root=snap,
+            remote={path: remote[weights]} if weights in remote else None,
+        )
+    sizes = {k: {"size": os.path.getsize(v)} for k, v in fetched.items()}
+    sizes.update({k: {"size": v.size} for k, v in remote.items()})
     spec = SourceSpec(
         arg=repo_id,
         kind="hub",
-        path=str(first.parent),
+        path=str(snap),
         repo_id=repo_id,
         revision=revision,
         commit=commit,
-        files={k: {"size": os.path.getsize(v)} for k, v in sorted(fetched.items())},
+        files=dict(sorted(sizes.items())),
         config=config,
     )
     return reader, spec
@@ -748,6 +862,7 @@ def open_model(
     revision: str | None = None,
     label: str,
     want: Callable[[list[str]], Iterable[str]] | None = None,
+    download: str = "ranged",
 ) -> tuple[CheckpointReader, SourceSpec]:
     """A reader over a model checkpoint and its provenance.
 
@@ -755,8 +870,13 @@ def open_model(
     (``revision``: branch, tag or commit; default main). For a sharded Hub model only the shards
     holding ``want(all_names)`` are downloaded (all when ``want`` is None); the reader then lists
     only those shards' tensors. ``want`` is ignored for local paths (every file is present and is
-    validated). Raises SourceError / CheckpointError.
+    validated). ``download`` (Hub ids, :func:`check_download`): ``ranged`` (default) reads only
+    the needed tensors' bytes by HTTP ranges (shards already complete in the Hugging Face cache
+    from disk); ``full`` downloads the needed shards whole into that cache. Under
+    ``HF_HUB_OFFLINE`` (or with no connection) both read the cache only.
+    Raises SourceError / CheckpointError (UsageError for an unknown ``download``).
     """
+    download = check_download(download)
     target = _classify(str(arg), what=label)
     if isinstance(target, Path):
         if revision is not None:
@@ -768,7 +888,7 @@ def open_model(
         _refuse_as_model(target, str(arg), label)
         return _open_local(target, str(arg), label)
     with _local_first(str(arg), label):
-        return _open_hub(target, revision, label, want)
+        return _open_hub(target, revision, label, want, download)
 
 
 def resolve_adapter(arg: str, *, revision: str | None = None) -> tuple[Path, SourceSpec]:
@@ -809,6 +929,8 @@ def _resolve_adapter(arg: str, *, revision: str | None = None) -> tuple[Path, So
 
     from huggingface_hub import snapshot_download
 
+    from safelora_cli.hub import hub_endpoint
+
     repo_id = target
     offline = hub_offline()
     try:
@@ -821,10 +943,11 @@ def _resolve_adapter(arg: str, *, revision: str | None = None) -> tuple[Path, So
                 local_files_only=offline,
                 allow_patterns=ADAPTER_PATTERNS,
                 ignore_patterns=ADAPTER_IGNORE,
+                endpoint=hub_endpoint(),
             )
         )
     except Exception as e:
-        if _is_hub_failure(e):
+        if is_hub_failure(e):
             raise hub_error(e, repo_id, revision) from None
         raise
     commit = snap.name if _COMMIT.match(snap.name) else None

@@ -411,6 +411,7 @@ def test_file_not_found_on_hub(online, sharded) -> None:
 
 
 def test_download_pinned_to_commit_with_token(online, sharded) -> None:
+    """--download full: whole shards through hf_hub_download (ranged reads: test_hub_ranged)."""
     src, _ = sharded
     online.setenv("HF_TOKEN", "hf_test_token")
     calls: list[dict] = []
@@ -428,7 +429,9 @@ def test_download_pinned_to_commit_with_token(online, sharded) -> None:
         picked.append(names[-1])
         return picked
 
-    reader, spec = open_model("org/x", revision="main", label="base model", want=want)
+    reader, spec = open_model(
+        "org/x", revision="main", label="base model", want=want, download="full"
+    )
     reader.close()
     fetched = [c["filename"] for c in calls]
     assert fetched == ["config.json", "model.safetensors.index.json", wm[picked[0]]]

@@ -9,7 +9,14 @@ from typing import Annotated, Any
 
 import typer
 
-from safelora_cli.options import Device, Quiet, Representation, RevisionAligned, RevisionBase
+from safelora_cli.options import (
+    Device,
+    Download,
+    Quiet,
+    Representation,
+    RevisionAligned,
+    RevisionBase,
+)
 
 
 def command(
@@ -41,6 +48,7 @@ def command(
     revision_base: RevisionBase = None,
     revision_aligned: RevisionAligned = None,
     representation: Representation = "auto",
+    download: Download = "ranged",
     quiet: Quiet = False,
 ) -> None:
     """Stream BASE and ALIGNED one weight pair at a time and cache one projector per target.
@@ -66,6 +74,7 @@ def command(
             progress=RichProgress(quiet=quiet or not main),
             dist=dist,
             representation=representation,
+            download=download,
         )
     if main:
         status(summary.line(), quiet=quiet)

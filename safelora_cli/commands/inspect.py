@@ -30,6 +30,7 @@ from safelora_cli.options import (
     AlignedOpt,
     BaseOpt,
     Device,
+    Download,
     Fraction,
     Json,
     NumLayers,
@@ -564,6 +565,7 @@ def command(
     quiet: Quiet = False,
     targets: TargetsOpt = None,
     revision: Revision = None,
+    download: Download = "ranged",
 ) -> None:
     """Per-module similarity tables, or summaries of a cache or an adapter.
 
@@ -614,6 +616,7 @@ def command(
             top=top,
             fail_below=fail_below,
             quiet=quiet,
+            download=download,
         )
         return
     if targets is not None or revision is not None:
@@ -662,6 +665,7 @@ def command(
         revision_base=revision_base,
         revision_aligned=revision_aligned,
         progress=render.RichProgress(quiet=quiet, label="scoring"),
+        download=download,
     )
     if json_out:
         _emit_lines([json.dumps(r.to_json(), allow_nan=False) for r in reports])
@@ -737,6 +741,7 @@ def _inspect_model(
     top: int | None,
     fail_below: float | None,
     quiet: bool,
+    download: str = "ranged",
 ) -> None:
     """``inspect FINETUNED --aligned ALIGNED (-p CACHE | --base BASE)``: one row per weight."""
     from safelora_cli.model_patch import score_model
@@ -760,6 +765,7 @@ def _inspect_model(
         revision_aligned=revision_aligned,
         revision_base=revision_base,
         progress=render.RichProgress(quiet=quiet),
+        download=download,
     )
     if json_out:
         _emit_lines([json.dumps(report.to_json(), allow_nan=False)])

@@ -11,6 +11,7 @@ from safelora_cli.options import (
     AlignedOpt,
     BaseOpt,
     Device,
+    Download,
     DryRun,
     Force,
     Fraction,
@@ -46,6 +47,7 @@ def command(
     revision_aligned: RevisionAligned = None,
     quiet: Quiet = False,
     representation: Representation = "auto",
+    download: Download = "ranged",
     save_projections: Annotated[
         Path | None,
         typer.Option(
@@ -100,6 +102,7 @@ def command(
             dist=dist,
             representation=representation,
             allow_unchanged=allow_unchanged,
+            download=download,
         )
     if not main:
         return  # rank 0 prints every adapter's result, in argument order

@@ -11,6 +11,7 @@ from safelora_cli.options import (
     AlignedOpt,
     BaseOpt,
     Device,
+    Download,
     DryRun,
     Force,
     Fraction,
@@ -50,6 +51,7 @@ def command(
     revision: Revision = None,
     revision_aligned: RevisionAligned = None,
     revision_base: RevisionBase = None,
+    download: Download = "ranged",
 ) -> None:
     """Project the selected weights of a fully fine-tuned model: W_aligned + C (W_ft - W_aligned).
 
@@ -88,6 +90,7 @@ def command(
             revision_base=revision_base,
             progress=RichProgress(quiet=quiet or not main),
             dist=dist,
+            download=download,
         )
     if not main:
         return

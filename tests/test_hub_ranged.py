@@ -1,0 +1,441 @@
+"""Hub models read by byte ranges (issue 17), against tests/hub_server.py on 127.0.0.1.
+
+Nothing leaves the machine: ``HF_ENDPOINT`` points at the local server, the Hugging Face cache
+and home are temporary folders (conftest), and huggingface_hub's import-time offline switch is
+turned off for these tests only. Expected values come from elsewhere: byte budgets from the
+shards' headers parsed here (tests/model_trio.header), cache entries from a build over the
+same repos as local directories.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from huggingface_hub import constants as hf_constants
+from typer.testing import CliRunner
+
+from safelora_cli import hub as hub_mod
+from safelora_cli.cache import MANIFEST
+from safelora_cli.cli import app
+from safelora_cli.compute import compute_projections
+from safelora_cli.errors import FetchError, SourceError
+from safelora_cli.sources import open_model
+from tests import factory
+from tests.hub_server import HubServer
+from tests.model_trio import header
+
+COMMIT_A = "a" * 40
+COMMIT_B = "b" * 40
+TARGETS = ("q_proj", "v_proj")
+
+
+@pytest.fixture
+def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE")
+    # conftest sets HF_HUB_OFFLINE before huggingface_hub is imported, which reads it once.
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub_mod, "RETRY_WAIT", 0.01)
+    monkeypatch.setattr(hub_mod, "MAX_WAIT", 0.02)
+    with HubServer(tmp_path / "server") as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
+        yield server
+
+
+@pytest.fixture
+def models(tmp_path: Path) -> tuple[Path, Path]:
+    """Base and aligned Llama checkpoints, 3 shards each; q/v are a small part of each shard."""
+    w = factory.llama_weights(layers=4, hidden=64, intermediate=256, heads=4, kv_heads=2)
+    base = factory.write_checkpoint(tmp_path / "base", w, shards=3, config="llama")
+    aligned = factory.write_checkpoint(
+        tmp_path / "aligned", factory.aligned_from(w), shards=3, config="llama"
+    )
+    return base, aligned
+
+
+def is_target(name: str) -> bool:
+    return name.endswith(tuple(f"{t}.weight" for t in TARGETS))
+
+
+def budget(d: Path) -> tuple[int, int, int]:
+    """(target tensor bytes, their shards' header bytes + index + config, the shards' total)."""
+    tensors = meta = total = 0
+    for f in sorted(d.glob("*.safetensors")):
+        h, start = header(f)
+        hits = [e for n, e in h.items() if n != "__metadata__" and is_target(n)]
+        tensors += sum(e["data_offsets"][1] - e["data_offsets"][0] for e in hits)
+        if hits:
+            meta += start
+            total += f.stat().st_size
+    meta += sum((d / n).stat().st_size for n in ("model.safetensors.index.json", "config.json"))
+    return tensors, meta, total
+
+
+def entries(cache: Path) -> dict[str, bytes]:
+    """Every entry file of a cache, by name, and the manifest's weights section."""
+    out = {f.name: f.read_bytes() for f in sorted(cache.glob("*.safetensors"))}
+    m = json.loads((cache / MANIFEST).read_text())
+    out["<weights>"] = json.dumps(m["weights"], sort_keys=True).encode()
+    out["<fingerprint-kinds>"] = json.dumps(
+        sorted(v["kind"] for v in m["fingerprints"].values())
+    ).encode()
+    return out
+
+
+def oracle(models: tuple[Path, Path], out: Path) -> dict[str, bytes]:
+    base, aligned = models
+    compute_projections(str(base), str(aligned), out, targets=",".join(TARGETS), device="cpu")
+    e = entries(out)
+    e["<fingerprint-kinds>"] = b'["hub", "hub"]'  # the local build's sources are local
+    return e
+
+
+def hf_cache_files() -> list[Path]:
+    root = Path(os.environ["HF_HUB_CACHE"])
+    return sorted(p for p in root.rglob("*") if p.is_file() or p.is_symlink())
+
+
+def serve(hub: HubServer, models: tuple[Path, Path]) -> None:
+    hub.add("org/base", models[0], commit=COMMIT_A)
+    hub.add("org/aligned", models[1], commit=COMMIT_B)
+
+
+def test_fetches_only_target_bytes_and_matches_a_local_build(
+    hub: HubServer, models, tmp_path: Path
+) -> None:
+    serve(hub, models)
+    s = compute_projections(
+        "org/base", "org/aligned", tmp_path / "c", targets=",".join(TARGETS), device="cpu"
+    )
+    tb, mb, total = (sum(x) for x in zip(budget(models[0]), budget(models[1]), strict=True))
+    ratio = hub.file_bytes / (tb + mb)
+    print(f"served {hub.file_bytes} B for {tb} B of q/v + {mb} B metadata: {ratio:.4f}x")
+    assert hub.file_bytes <= 1.10 * (tb + mb)
+    assert hub.file_bytes < total / 3  # today's behaviour: every shard, whole
+    # What the run says it fetched is what the server sent for the shards (headers + tensors).
+    index_config = sum(
+        (d / n).stat().st_size
+        for d in models
+        for n in ("model.safetensors.index.json", "config.json")
+    )
+    assert s.fetched == hub.file_bytes - index_config
+    assert s.shards_bytes == total and "of" in s.line() and "(the shards' total)" in s.line()
+    # Every weight came by ranges (never a whole-file GET of a shard), adjacent ones together:
+    # each layer's q_proj and v_proj sit next to each other in the file, one request.
+    gets = [e for e in hub.log if e[0] == "GET" and e[1].endswith(".safetensors")]
+    assert gets and all(rng for _, _, rng in gets)
+    data_gets = [e for e in gets if e[1].startswith("/cdn/") and not e[2].startswith("bytes=0-")]
+    headers = [e for e in data_gets if e[2].startswith("bytes=8-")]
+    assert len(data_gets) - len(headers) == 2 * 4  # 4 layers x (q+v) x 2 models / 2 per request
+    # No ranged bytes in the Hugging Face cache: only the index and config went there.
+    names = {p.name for p in hf_cache_files() if "snapshots" in p.parts}
+    assert names == {"model.safetensors.index.json", "config.json"}
+    assert not any(".safetensors" in p.name and "index" not in p.name for p in hf_cache_files())
+    # The cache, entry by entry and byte for byte, is the one built from local directories.
+    assert entries(tmp_path / "c") == oracle(models, tmp_path / "local")
+    m = json.loads((tmp_path / "c" / MANIFEST).read_text())
+    assert m["fingerprints"]["base"] == {"kind": "hub", "repo_id": "org/base", "commit": COMMIT_A}
+    sizes = {k: v["size"] for k, v in m["sources"]["base"]["files"].items()}
+    assert (
+        sizes
+        == {
+            f.name: f.stat().st_size
+            for f in models[0].iterdir()
+            if f.name in sizes  # the shards holding targets, the index, the config
+        }
+        and len(sizes) == 5
+    )
+
+
+def test_full_download_and_ranged_give_the_same_cache(
+    hub: HubServer, models, tmp_path: Path
+) -> None:
+    """--download full keeps today's behaviour; a ranged run accepts that cache (same
+    fingerprint: repo + commit) and finds nothing left to do; the shards, now complete in the
+    HF cache, are then read from disk without any network request for them."""
+    serve(hub, models)
+    args = dict(targets=",".join(TARGETS), device="cpu")
+    full = compute_projections("org/base", "org/aligned", tmp_path / "c", download="full", **args)
+    assert full.computed == 8 and full.shards_bytes == 0
+    shards = [p for p in hf_cache_files() if p.name.startswith("model-") and "snapshots" in p.parts]
+    assert len(shards) == 6
+    hub.reset_counters()
+    again = compute_projections("org/base", "org/aligned", tmp_path / "c", **args)
+    assert again.computed == 0 and again.skipped == 8
+    hub.reset_counters()
+    fresh = compute_projections("org/base", "org/aligned", tmp_path / "c2", **args)
+    assert fresh.computed == 8 and fresh.fetched == 0 and fresh.shards_bytes == 0
+    assert not [e for e in hub.log if e[1].endswith("safetensors")]
+    assert entries(tmp_path / "c2") == entries(tmp_path / "c")
+
+
+def test_retries_a_500_and_a_cut_connection(hub: HubServer, models, tmp_path: Path) -> None:
+    serve(hub, models)
+    hub.fail(500, match="/cdn/", times=2)
+    hub.cut(match="/cdn/", times=3, min_start=100)
+    compute_projections(
+        "org/base", "org/aligned", tmp_path / "c", targets=",".join(TARGETS), device="cpu"
+    )
+    assert not hub._fail and not hub._cut  # every injected failure was met
+    statuses = [e for e in hub.log if e[1].startswith("/cdn/")]
+    assert len(statuses) > 2 * 4 + 6 * 2  # the failed requests were repeated
+    assert entries(tmp_path / "c") == oracle(models, tmp_path / "local")
+
+
+def test_network_drop_beyond_retries_keeps_entries_and_rerun_fetches_the_rest(
+    hub: HubServer, models, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    serve(hub, models)
+    monkeypatch.setattr(hub_mod, "MAX_RETRIES", 2)
+    # The last shard's tensor data never arrives whole (its header does).
+    hub.cut(match="model-00003-of-00003", times=1000, min_start=100)
+    with pytest.raises(FetchError) as ei:
+        compute_projections(
+            "org/base", "org/aligned", tmp_path / "c", targets=",".join(TARGETS), device="cpu"
+        )
+    assert "connection dropped" in ei.value.message and "run the same command" in ei.value.hint
+    kept = json.loads((tmp_path / "c" / MANIFEST).read_text())["weights"]
+    assert 0 < len(kept) < 8
+    hub._cut.clear()
+    hub.reset_counters()
+    s = compute_projections(
+        "org/base", "org/aligned", tmp_path / "c", targets=",".join(TARGETS), device="cpu"
+    )
+    assert s.skipped == len(kept) and s.computed == 8 - len(kept)
+    # Only the missing weights' bytes came again (plus the headers).
+    missing = [w for w in json.loads((tmp_path / "c" / MANIFEST).read_text())["weights"]]
+    missing = [w for w in missing if w not in kept]
+    need = 0
+    for d in models:
+        for f in d.glob("model-*.safetensors"):
+            h, start = header(f)
+            need += start if any(is_target(n) for n in h) else 0
+            need += sum(
+                e["data_offsets"][1] - e["data_offsets"][0] for n, e in h.items() if n in missing
+            )
+    assert s.fetched == need
+    assert entries(tmp_path / "c") == oracle(models, tmp_path / "local")
+
+
+def test_gated_repo_says_accept_the_licence_and_log_in(hub: HubServer, models) -> None:
+    hub.add("org/gated", models[0], commit=COMMIT_A, gated=True)
+    with pytest.raises(SourceError) as ei:
+        open_model("org/gated", label="base model")
+    msg = ei.value.message
+    assert "\n" not in msg and "gated" in msg and "org/gated" in msg
+    assert "accept the licence on the model page" in ei.value.hint
+    assert f"{hub.endpoint}/org/gated" in ei.value.hint and "hf auth login" in ei.value.hint
+
+
+def test_401_on_a_shard_only(hub: HubServer, models, tmp_path: Path) -> None:
+    """The index and config are readable, the shard's bytes are refused (gated LFS files)."""
+    serve(hub, models)
+    hub.fail(401, match="model-00001", times=10)
+    r = CliRunner().invoke(
+        app,
+        [
+            *("compute-projections", "org/base", "org/aligned"),
+            *("-o", str(tmp_path / "c"), "--targets", "q_proj,v_proj"),
+        ],
+    )
+    assert r.exit_code == 1 and "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert lines[0].startswith("error: ") and "org/base" in lines[0] and "401" in lines[0]
+    assert "accept the licence" in lines[1] and "hf auth login" in lines[1]
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize(
+    ("repo", "revision", "words"),
+    [
+        ("org/nothing", None, "not found"),
+        ("org/base", "no-such-branch", "revision 'no-such-branch' not found"),
+    ],
+    ids=["repo", "revision"],
+)
+def test_404_repo_and_revision(hub: HubServer, models, repo, revision, words) -> None:
+    serve(hub, models)
+    with pytest.raises(SourceError) as ei:
+        open_model(repo, revision=revision, label="base model")
+    assert words in ei.value.message and "\n" not in ei.value.message
+
+
+def test_404_file(hub: HubServer, models, tmp_path: Path) -> None:
+    """A shard the index names but the repo lacks: EntryNotFound, named."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in models[0].iterdir():
+        if f.name != "model-00002-of-00003.safetensors":
+            (broken / f.name).write_bytes(f.read_bytes())
+    hub.add("org/broken", broken, commit=COMMIT_A)
+    with pytest.raises(SourceError) as ei:
+        open_model("org/broken", label="base model")
+    assert "model-00002-of-00003.safetensors" in ei.value.message
+    assert "not found" in ei.value.message
+
+
+def test_revision_pinned_to_its_commit(hub: HubServer, models, tmp_path: Path) -> None:
+    """A branch resolves to its commit once; every request names that commit; the manifest
+    records it; --revision with the commit itself gives the same cache."""
+    hub.add("org/base", models[0], commit=COMMIT_A, refs=("main", "dev"))
+    hub.add("org/aligned", models[1], commit=COMMIT_B)
+    args = dict(targets=",".join(TARGETS), device="cpu")
+    compute_projections("org/base", "org/aligned", tmp_path / "c", revision_base="dev", **args)
+    files = [p for _, p, _ in hub.log if "/resolve/" in p or p.startswith("/cdn/")]
+    assert files and all(COMMIT_A in p or COMMIT_B in p for p in files)
+    m = json.loads((tmp_path / "c" / MANIFEST).read_text())
+    assert m["sources"]["base"]["revision"] == "dev" and m["sources"]["base"]["commit"] == COMMIT_A
+    s = compute_projections(
+        "org/base", "org/aligned", tmp_path / "c", revision_base=COMMIT_A, **args
+    )
+    assert s.skipped == 8 and s.computed == 0
+
+
+def test_offline_reads_the_cache_only(
+    hub: HubServer, models, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HF_HUB_OFFLINE: the local Hugging Face cache only, as before. (Commits are given: a
+    download pinned to a commit records no refs/main in that cache, as before this change.)"""
+    serve(hub, models)
+    args = dict(
+        targets=",".join(TARGETS), device="cpu", revision_base=COMMIT_A, revision_aligned=COMMIT_B
+    )
+    # Ranged bytes are never cached: offline, the shards are not there.
+    compute_projections("org/base", "org/aligned", tmp_path / "c", **args)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub.reset_counters()
+    with pytest.raises(SourceError) as ei:
+        compute_projections("org/base", "org/aligned", tmp_path / "c2", **args)
+    assert "HF_HUB_OFFLINE" in ei.value.message and not hub.log
+    assert not (tmp_path / "c2").exists()
+    # After a full download, offline works from the cache with no request at all.
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    compute_projections("org/base", "org/aligned", tmp_path / "c3", download="full", **args)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub.reset_counters()
+    s = compute_projections("org/base", "org/aligned", tmp_path / "c4", **args)
+    assert s.computed == 8 and not hub.log and s.shards_bytes == 0
+    assert entries(tmp_path / "c4") == entries(tmp_path / "c")
+
+
+def test_server_ignoring_ranges_is_refused_unread(
+    hub: HubServer, models, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 200 with the whole file instead of a 206: refused before its body is read."""
+    serve(hub, models)
+    hub.ignore_ranges = True
+    opened: list[hub_mod.HubFile] = []
+    real = hub_mod.open_file
+
+    def recording(*a, **k):
+        opened.append(real(*a, **k))
+        return opened[-1]
+
+    monkeypatch.setattr(hub_mod, "open_file", recording)
+    with pytest.raises(SourceError) as ei:
+        open_model("org/base", label="base model", want=lambda names: names[:1])
+    assert "206" in ei.value.message and "--download full" in ei.value.hint
+    assert opened and all(f.fetched == 0 for f in opened)  # not one byte of the body taken
+
+
+def test_cli_summary_says_what_was_fetched(hub: HubServer, models, tmp_path: Path) -> None:
+    serve(hub, models)
+    base = ("compute-projections", "org/base", "org/aligned", "--targets", "q_proj,v_proj")
+    r = CliRunner().invoke(app, [*base, "-o", str(tmp_path / "c")])
+    assert r.exit_code == 0, r.stderr
+    (line,) = r.stderr.strip().splitlines()
+    assert "8 weights computed" in line
+    assert "fetched " in line and "(the shards' total) from the Hub" in line
+    bad = CliRunner().invoke(app, [*base, "-o", str(tmp_path / "d"), "--download", "some"])
+    assert bad.exit_code == 2 and "--download 'some' is not one of ranged, full" in bad.stderr
+
+
+def test_progress_is_told_the_bytes_fetched(hub: HubServer, models, tmp_path: Path) -> None:
+    serve(hub, models)
+    seen: list[tuple[int, int]] = []
+
+    class Recording:
+        def start(self, total: int, description: str) -> None:
+            pass
+
+        def advance(self, units: int = 1, nbytes: int = 0) -> None:
+            pass
+
+        def finish(self) -> None:
+            pass
+
+        def fetched(self, nbytes: int, total: int) -> None:
+            seen.append((nbytes, total))
+
+    s = compute_projections(
+        "org/base",
+        "org/aligned",
+        tmp_path / "c",
+        targets=",".join(TARGETS),
+        device="cpu",
+        progress=Recording(),
+    )
+    assert len(seen) == 1 + 8  # once at the start, once per weight written
+    assert [n for n, _ in seen] == sorted(n for n, _ in seen)
+    assert seen[-1] == (s.fetched, s.shards_bytes)
+
+
+def test_patch_with_hub_base_and_aligned(hub: HubServer, models, tmp_path: Path) -> None:
+    """patch --base/--aligned with Hub ids reads by ranges and writes what a local run does."""
+    from safetensors.torch import load_file
+
+    from safelora_cli.patch import patch_adapters
+    from tests.model_trio import read
+
+    serve(hub, models)
+    adapter = factory.write_adapter(tmp_path / "adapter", base=read(models[0]), layers=[1, 3])
+    kw = dict(device="cpu")
+    patch_adapters(
+        [str(adapter)], tmp_path / "hub-out", base="org/base", aligned="org/aligned", **kw
+    )
+    local = tmp_path / "local-out"
+    patch_adapters([str(adapter)], local, base=str(models[0]), aligned=str(models[1]), **kw)
+    got = load_file(str(tmp_path / "hub-out" / "adapter_model.safetensors"))
+    want = load_file(str(local / "adapter_model.safetensors"))
+    assert got.keys() == want.keys() and all((got[k] == want[k]).all() for k in got)
+    tb = sum(
+        t.numel() * t.element_size()
+        for d in models
+        for n, t in read(d).items()
+        if is_target(n) and (".1." in n or ".3." in n)
+    )
+    assert hub.file_bytes <= 1.10 * (tb + sum(budget(d)[1] for d in models))
+
+
+def test_hub_adapter_through_the_same_endpoint(hub: HubServer, models, tmp_path: Path) -> None:
+    """Adapters still come whole (snapshot_download), from HF_ENDPOINT as read at call time."""
+    from safelora_cli.sources import resolve_adapter
+    from tests.model_trio import read
+
+    adapter = factory.write_adapter(tmp_path / "adapter", base=read(models[0]))
+    hub.add("org/lora", adapter, commit=COMMIT_B)
+    path, spec = resolve_adapter("org/lora")
+    assert spec.commit == COMMIT_B and (path / "adapter_config.json").is_file()
+    got = (path / "adapter_model.safetensors").read_bytes()
+    assert got == (adapter / "adapter_model.safetensors").read_bytes()
+
+
+def test_token_sent_to_the_hub_not_to_the_cdn(
+    hub: HubServer, models, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The resolve/ redirect goes to another origin: the range survives it, the token does not."""
+    serve(hub, models)
+    hub.cdn_host = "localhost"
+    monkeypatch.setenv("HF_TOKEN", "hf_local_test_token")
+    names = ["model.layers.0.self_attn.q_proj.weight"]
+    reader, _ = open_model("org/base", label="base model", want=lambda _: names)
+    with reader:
+        want = factory.llama_weights(layers=4, hidden=64, intermediate=256, heads=4, kv_heads=2)
+        assert reader.read_bytes(names[0]) == want[names[0]].numpy().tobytes()
+    cdn = [a for p, a in hub.auth if p.startswith("/cdn/")]
+    hub_side = [a for p, a in hub.auth if "/resolve/" in p]
+    assert cdn and all(a is None for a in cdn)
+    assert hub_side and all(a == "Bearer hf_local_test_token" for a in hub_side)
