@@ -445,6 +445,7 @@ def score(
     revision_aligned: str | None = None,
     progress: Progress | None = None,
     download: str = "ranged",
+    representation: str = "auto",
 ) -> list[AdapterReport]:
     """Score each adapter against a cache (``projections``) or ``base`` + ``aligned``.
 
@@ -474,6 +475,7 @@ def score(
             revision_aligned=revision_aligned,
             save_projections=None,
             download=download,
+            representation=representation,
         ) as (source, weight_for, sources):
             scored = score_adapters(
                 loaded, source, selection, weight_for=weight_for, progress=progress

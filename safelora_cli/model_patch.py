@@ -337,8 +337,12 @@ def check_model_flags(
     projections: Path | None,
     base: str | None,
     revision_base: str | None = None,
+    representation: str = "auto",
 ) -> None:
-    """UsageError for a bad source combination; CheckpointError when ``aligned`` is missing."""
+    """UsageError for a bad source combination (``representation`` other than ``auto`` with a
+    cache included); CheckpointError when ``aligned`` is missing."""
+    from safelora_cli.projector_source import source_representation
+
     if not finetuned:
         raise UsageError("no fine-tuned model given.", hint="Pass FINETUNED (a model directory).")
     if projections is not None and base is not None:
@@ -357,6 +361,7 @@ def check_model_flags(
             "--revision-base applies to --base, not to -p.",
             hint="The cache records the revision it was built from; drop the flag.",
         )
+    source_representation(representation, projections)
     if aligned is None:
         raise CheckpointError(
             f"fine-tuned model {finetuned}: the aligned model is missing "
@@ -487,6 +492,7 @@ def open_model_source(
     device: str,
     revision_base: str | None,
     download: str = "ranged",
+    representation: str = "auto",
 ) -> Iterator[tuple[Any, dict[str, Any]]]:
     """``(ProjectorSource, provenance)`` for ``targets``, every one checked before yielding.
 
@@ -538,7 +544,9 @@ def open_model_source(
         download=download,
     )
     try:
-        source = StreamingProjectorSource(br, inputs.aligned, device=dev)
+        source = StreamingProjectorSource(
+            br, inputs.aligned, device=dev, representation=representation
+        )
         source.require(requests)
         sources["base"] = provenance(bspec)
         yield source, sources
@@ -961,6 +969,7 @@ def score_model(
     revision_base: str | None = None,
     progress: Progress | None = None,
     download: str = "ranged",
+    representation: str = "auto",
 ) -> ModelReport:
     """What ``patch-model --dry-run`` computes (``inspect FINETUNED --aligned ...``); nothing is
     written. ``output`` is None in the report."""
@@ -977,7 +986,7 @@ def score_model(
             "from it, pass it as BASE or ALIGNED to safelora compute-projections.",
             path=finetuned,
         )
-    check_model_flags(finetuned, aligned, projections, base, revision_base)
+    check_model_flags(finetuned, aligned, projections, base, revision_base, representation)
     assert aligned is not None
     limit_heap_retention()  # weight-sized buffers go back to the OS when freed
     with (
@@ -998,6 +1007,7 @@ def score_model(
             device=device,
             revision_base=revision_base,
             download=download,
+            representation=representation,
         ) as (source, sources),
     ):
         scores = _score_targets(inputs, source, inputs.targets, progress)
@@ -1024,6 +1034,7 @@ def patch_model(
     progress: Progress | None = None,
     dist: Dist | None = None,
     download: str = "ranged",
+    representation: str = "auto",
 ) -> ModelReport:
     """Patch the fine-tuned model ``finetuned`` into ``output`` (module docstring).
 
@@ -1050,10 +1061,11 @@ def patch_model(
             progress=progress,
             dist=dist,
             download=download,
+            representation=representation,
         )
     from safelora_cli.compute import limit_heap_retention
 
-    check_model_flags(finetuned, aligned, projections, base, revision_base)
+    check_model_flags(finetuned, aligned, projections, base, revision_base, representation)
     assert aligned is not None
     limit_heap_retention()  # weight-sized buffers go back to the OS when freed
     others = other_inputs(
@@ -1077,6 +1089,7 @@ def patch_model(
             device=device,
             revision_base=revision_base,
             download=download,
+            representation=representation,
         ) as (source, sources):
             scores = _score_targets(inputs, source, inputs.targets, progress)
             report = decide(finetuned, inputs.ft_spec.path, scores, selection)
@@ -1119,6 +1132,7 @@ def _patch_model_distributed(
     progress: Progress | None,
     dist: Dist,
     download: str = "ranged",
+    representation: str = "auto",
 ) -> ModelReport:
     """patch-model as one rank of several (module docstring; docs/scale-out.md).
 
@@ -1139,7 +1153,7 @@ def _patch_model_distributed(
     my_scores: list[ModelModuleScore] = []
     with stack:
         try:
-            check_model_flags(finetuned, aligned, projections, base, revision_base)
+            check_model_flags(finetuned, aligned, projections, base, revision_base, representation)
             assert aligned is not None
             limit_heap_retention()
             others = other_inputs(
@@ -1174,6 +1188,7 @@ def _patch_model_distributed(
                     device=rank_device(device, dist),
                     revision_base=revision_base,
                     download=download,
+                    representation=representation,
                 )
             )
             my_scores = _score_targets(

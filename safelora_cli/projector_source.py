@@ -96,6 +96,21 @@ def weight_mapper(names: Sequence[str], label: str, *, strict: bool) -> Callable
     return weight_for
 
 
+def source_representation(representation: str, projections: Path | None) -> str:
+    """``representation`` checked (``auto|gram|factor``, UsageError otherwise); anything but
+    ``auto`` is a UsageError with ``projections`` (a cache keeps the form of each entry)."""
+    from safelora_cli.projector import AUTO, check_representation
+
+    representation = check_representation(representation)
+    if projections is not None and representation != AUTO:
+        raise UsageError(
+            f"--representation {representation} applies to --base/--aligned, not to -p.",
+            hint="A cache keeps the form each entry was computed in; rebuild it with "
+            "compute-projections --representation to change it.",
+        )
+    return representation
+
+
 @contextlib.contextmanager
 def open_projector_source(
     loaded: Sequence[Adapter],
@@ -118,15 +133,8 @@ def open_projector_source(
     is a UsageError.
     """
     from safelora_cli.adapter import orient_for_base
-    from safelora_cli.projector import AUTO, check_representation
 
-    representation = check_representation(representation)
-    if projections is not None and representation != AUTO:
-        raise UsageError(
-            f"--representation {representation} applies to --base/--aligned, not to -p.",
-            hint="A cache keeps the form each entry was computed in; rebuild it with "
-            "compute-projections --representation to change it.",
-        )
+    representation = source_representation(representation, projections)
 
     if projections is not None:
         from safelora_cli.cache import ProjectionCache

@@ -984,3 +984,36 @@ def test_a_projected_weight_that_overflows_float16_is_refused(tmp_path: Path) ->
         assert not out.exists()
         assert sorted(p.name for p in tmp_path.iterdir()) == ["aligned", "base", "ft"]
     assert {k: (v / "model.safetensors").read_bytes() for k, v in paths.items()} == before
+
+
+@pytest.mark.parametrize("mode", ["gram", "factor"])
+def test_representation_on_the_fly_matches_the_oracle(
+    llama_fp32: mt.Trio, tmp_path: Path, mode: str
+) -> None:
+    """``--representation`` applies wherever projectors are built on the fly (issue 19):
+    patch-model --base and inspect FINETUNED --base give the oracle's cosines either way."""
+    t = llama_fp32
+    ref = mt.oracle(t, conv1d=False)
+    cosines = sorted(round(r["cos"], 5) for r in ref.values() if r["cos"] is not None)
+    thr = cosines[len(cosines) // 2]
+    out = tmp_path / "out"
+    args = ("--aligned", t.aligned, "--base", t.base, "--representation", mode)
+    r = ok("patch-model", t.finetuned, *args, "-o", out, "-t", thr, "--json")
+    check_output(t, out, json.loads(r.stdout), conv1d=False, mode="threshold", value=thr, rel=1e-5)
+    r = ok("inspect", t.finetuned, *args, "--json")
+    got = {m["name"] + ".weight": m["cosine"] for m in json.loads(r.stdout)["modules"]}
+    for name, want in ref.items():
+        assert math.isclose(got[name], want["cos"], rel_tol=1e-5), name
+
+
+def test_representation_with_a_cache_is_a_usage_error(
+    llama_bf16: mt.Trio, llama_bf16_cache: Path, tmp_path: Path
+) -> None:
+    t = llama_bf16
+    out = tmp_path / "out"
+    for cmd in (("patch-model", "-o", out), ("inspect",)):
+        r = cli(cmd[0], t.finetuned, "--aligned", t.aligned, "-p", llama_bf16_cache,
+                "--representation", "gram", *cmd[1:])  # fmt: skip
+        assert r.exit_code == 2, r.stderr
+        assert "--representation gram applies to --base/--aligned, not to -p." in r.stderr
+        assert not out.exists()

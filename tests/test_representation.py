@@ -247,3 +247,25 @@ def test_bad_representation_flags(case: dict) -> None:
              "--representation", "nope")  # fmt: skip
     assert r.exit_code == 2 and "is not one of auto, gram, factor" in r.output
     assert not out.exists()
+
+
+@pytest.mark.parametrize("mode", ["gram", "factor"])
+def test_inspect_on_the_fly_with_a_forced_form(case: dict, mode: str) -> None:
+    """inspect ADAPTER --base/--aligned takes --representation too; -p refuses it."""
+    pair = case["pair"]
+    r = _cli("inspect", str(case["ad"]), "--base", str(pair.base_dir), "--aligned",
+             str(pair.aligned_dir), "--json", "--representation", mode)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    got = {m["name"]: m["cosine"] for m in json.loads(r.stdout)["modules"]}
+    want = oracle(pair, case["ad"], False)
+    assert set(got) == set(want)
+    for name, w in want.items():
+        assert math.isclose(got[name], w["cos"], rel_tol=RTOL), name
+    cache = case["tmp"] / "cache-inspect"
+    if not cache.exists():
+        r = _cli("compute-projections", str(pair.base_dir), str(pair.aligned_dir), "-o",
+                 str(cache), "--targets", "q_proj", "--quiet")  # fmt: skip
+        assert r.exit_code == 0, r.output
+    r = _cli("inspect", str(case["ad"]), "-p", str(cache), "--representation", mode)
+    assert r.exit_code == 2
+    assert f"error: --representation {mode} applies to --base/--aligned, not to -p." in r.output

@@ -36,6 +36,7 @@ from safelora_cli.options import (
     NumLayers,
     Projections,
     Quiet,
+    Representation,
     Revision,
     RevisionAligned,
     RevisionBase,
@@ -566,6 +567,7 @@ def command(
     targets: TargetsOpt = None,
     revision: Revision = None,
     download: Download = "ranged",
+    representation: Representation = "auto",
 ) -> None:
     """Per-module similarity tables, or summaries of a cache or an adapter.
 
@@ -617,6 +619,7 @@ def command(
             fail_below=fail_below,
             quiet=quiet,
             download=download,
+            representation=representation,
         )
         return
     if targets is not None or revision is not None:
@@ -666,6 +669,7 @@ def command(
         revision_aligned=revision_aligned,
         progress=render.RichProgress(quiet=quiet, label="scoring"),
         download=download,
+        representation=representation,
     )
     if json_out:
         _emit_lines([json.dumps(r.to_json(), allow_nan=False) for r in reports])
@@ -742,6 +746,7 @@ def _inspect_model(
     fail_below: float | None,
     quiet: bool,
     download: str = "ranged",
+    representation: str = "auto",
 ) -> None:
     """``inspect FINETUNED --aligned ALIGNED (-p CACHE | --base BASE)``: one row per weight."""
     from safelora_cli.model_patch import score_model
@@ -766,6 +771,7 @@ def _inspect_model(
         revision_base=revision_base,
         progress=render.RichProgress(quiet=quiet),
         download=download,
+        representation=representation,
     )
     if json_out:
         _emit_lines([json.dumps(report.to_json(), allow_nan=False)])

@@ -19,6 +19,7 @@ from safelora_cli.options import (
     NumLayers,
     Projections,
     Quiet,
+    Representation,
     Revision,
     RevisionAligned,
     RevisionBase,
@@ -52,6 +53,7 @@ def command(
     revision_aligned: RevisionAligned = None,
     revision_base: RevisionBase = None,
     download: Download = "ranged",
+    representation: Representation = "auto",
 ) -> None:
     """Project the selected weights of a fully fine-tuned model: W_aligned + C (W_ft - W_aligned).
 
@@ -91,6 +93,7 @@ def command(
             progress=RichProgress(quiet=quiet or not main),
             dist=dist,
             download=download,
+            representation=representation,
         )
     if not main:
         return
