@@ -661,19 +661,33 @@ def _listing(repo_id: str, revision: str | None) -> tuple[str, list[str], bool]:
 
 
 def hub_download(
-    repo_id: str, filename: str, *, commit: str, revision: str | None, offline: bool
+    repo_id: str,
+    filename: str,
+    *,
+    commit: str,
+    revision: str | None,
+    offline: bool,
+    record_ref: bool = False,
 ) -> Path:
-    """One file of ``repo_id`` at ``commit`` into the cache (or from it when offline)."""
+    """One file of ``repo_id`` at ``commit`` into the cache (or from it when offline).
+
+    ``record_ref`` (online, ``revision`` a branch or tag, main by default): ask for the file by
+    that name, so huggingface_hub records ``refs/<revision>`` -> commit in the cache (a later
+    ``HF_HUB_OFFLINE=1`` run without ``--revision`` finds the snapshot), and check that the name
+    still points at ``commit`` (SourceError if the branch moved during the run).
+    """
     from huggingface_hub import hf_hub_download
 
     from safelora_cli.hub import hub_endpoint
 
+    ref = revision or "main"
+    by_ref = record_ref and not offline and not _COMMIT.match(ref)
     try:
-        return Path(
+        path = Path(
             hf_hub_download(
                 repo_id,
                 filename,
-                revision=commit,
+                revision=ref if by_ref else commit,
                 cache_dir=str(hub_cache_dir()),
                 token=_token(),
                 local_files_only=offline,
@@ -684,6 +698,16 @@ def hub_download(
         if is_hub_failure(e):
             raise hub_error(e, repo_id, revision, filename) from None
         raise
+    if by_ref:
+        got = path.parents[len(Path(filename).parts) - 1].name
+        if got != commit:
+            raise SourceError(
+                f"Hub repo {repo_id}@{ref} moved from commit {commit[:12]} to {got[:12]} "
+                "during the run",
+                hint="run the same command again, or pin a commit with --revision",
+                path=repo_id,
+            )
+    return path
 
 
 def _pick_weights(files: list[str], repo_id: str, rev: str, label: str) -> tuple[str, bool]:
@@ -802,7 +826,15 @@ def _open_hub(
     weights, is_index = _pick_weights(files, repo_id, rev, label)
 
     def get(name: str) -> Path:
-        return hub_download(repo_id, name, commit=commit, revision=revision, offline=offline)
+        # The first file asked for by the revision's name records refs/<revision> in the cache.
+        return hub_download(
+            repo_id,
+            name,
+            commit=commit,
+            revision=revision,
+            offline=offline,
+            record_ref=name == (CONFIG_NAME if CONFIG_NAME in files else weights),
+        )
 
     fetched: dict[str, Path] = {}
     config = None

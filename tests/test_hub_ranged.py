@@ -18,6 +18,7 @@ from huggingface_hub import constants as hf_constants
 from typer.testing import CliRunner
 
 from safelora_cli import hub as hub_mod
+from safelora_cli import sources
 from safelora_cli.cache import MANIFEST
 from safelora_cli.cli import app
 from safelora_cli.compute import compute_projections
@@ -285,7 +286,11 @@ def test_revision_pinned_to_its_commit(hub: HubServer, models, tmp_path: Path) -
     args = dict(targets=",".join(TARGETS), device="cpu")
     compute_projections("org/base", "org/aligned", tmp_path / "c", revision_base="dev", **args)
     files = [p for _, p, _ in hub.log if "/resolve/" in p or p.startswith("/cdn/")]
-    assert files and all(COMMIT_A in p or COMMIT_B in p for p in files)
+    # Only config.json is asked for by the branch's name (so refs/dev is recorded, and checked
+    # to still be the listed commit); every other file, shards above all, by the commit.
+    by_name = {p for p in files if not (COMMIT_A in p or COMMIT_B in p)}
+    assert by_name == {"/org/base/resolve/dev/config.json", "/org/aligned/resolve/main/config.json"}
+    assert any(".safetensors" in p for p in files)
     m = json.loads((tmp_path / "c" / MANIFEST).read_text())
     assert m["sources"]["base"]["revision"] == "dev" and m["sources"]["base"]["commit"] == COMMIT_A
     s = compute_projections(
@@ -297,8 +302,8 @@ def test_revision_pinned_to_its_commit(hub: HubServer, models, tmp_path: Path) -
 def test_offline_reads_the_cache_only(
     hub: HubServer, models, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """HF_HUB_OFFLINE: the local Hugging Face cache only, as before. (Commits are given: a
-    download pinned to a commit records no refs/main in that cache, as before this change.)"""
+    """HF_HUB_OFFLINE: the local Hugging Face cache only, as before (commits given here; the
+    default revision offline is the next test)."""
     serve(hub, models)
     args = dict(
         targets=",".join(TARGETS), device="cpu", revision_base=COMMIT_A, revision_aligned=COMMIT_B
@@ -319,6 +324,45 @@ def test_offline_reads_the_cache_only(
     s = compute_projections("org/base", "org/aligned", tmp_path / "c4", **args)
     assert s.computed == 8 and not hub.log and s.shards_bytes == 0
     assert entries(tmp_path / "c4") == entries(tmp_path / "c")
+
+
+def test_offline_after_an_online_run_finds_the_default_revision(
+    hub: HubServer, models, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An online run by branch name records refs/main in the Hugging Face cache (through
+    huggingface_hub), so the same command offline, with no --revision, reads that snapshot.
+    (Before, every download was pinned to the commit and no ref was written: offline failed.)"""
+    serve(hub, models)
+    args = dict(targets=",".join(TARGETS), device="cpu")
+    compute_projections("org/base", "org/aligned", tmp_path / "c", download="full", **args)
+    for repo, commit in (("org/base", COMMIT_A), ("org/aligned", COMMIT_B)):
+        ref = Path(os.environ["HF_HUB_CACHE"]) / f"models--{repo.replace('/', '--')}" / "refs"
+        assert (ref / "main").read_text().strip() == commit
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub.reset_counters()
+    s = compute_projections("org/base", "org/aligned", tmp_path / "c2", **args)
+    assert s.computed == 8 and not hub.log
+    assert entries(tmp_path / "c2") == entries(tmp_path / "c")
+
+
+def test_a_branch_that_moves_during_the_run_is_refused(
+    hub: HubServer, models, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The listing said main is at one commit; by the time config.json is fetched by name it
+    points elsewhere: a SourceError, not a mix of two versions."""
+    serve(hub, models)
+    real = sources._listing
+    stale = "c" * 40
+
+    def listing(repo_id: str, revision: str | None):
+        commit, files, offline = real(repo_id, revision)
+        return (stale if repo_id == "org/base" else commit), files, offline
+
+    monkeypatch.setattr(sources, "_listing", listing)
+    with pytest.raises(SourceError) as ei:
+        open_model("org/base", label="base model", want=lambda names: names[:1])
+    assert "moved from commit cccccccccccc to aaaaaaaaaaaa" in ei.value.message
+    assert "--revision" in ei.value.hint
 
 
 def test_server_ignoring_ranges_is_refused_unread(
