@@ -161,20 +161,25 @@ class HubFile:
         if len(pieces) == 1:
             self._get(*pieces[0], sink)
             return
+        # Set when the caller gives up (an error in another piece, Ctrl-C): the other requests
+        # stop at their next chunk instead of finishing, so an interrupt is not held up by them.
+        stop = threading.Event()
         with ThreadPoolExecutor(
             min(IN_FLIGHT, len(pieces)), thread_name_prefix="safelora-fetch"
         ) as ex:
-            futures = [ex.submit(self._get, a, b, sink) for a, b in pieces]
+            futures = [ex.submit(self._get, a, b, sink, stop) for a, b in pieces]
             try:
                 for f in futures:
                     f.result()
             except BaseException:
+                stop.set()
                 for f in futures:
                     f.cancel()
                 raise
 
-    def _get(self, start: int, end: int, sink: _Sink) -> None:
-        """Bytes ``[start, end)`` into ``sink``: one request, resumed after a cut."""
+    def _get(self, start: int, end: int, sink: _Sink, stop: threading.Event | None = None) -> None:
+        """Bytes ``[start, end)`` into ``sink``: one request, resumed after a cut. Returns
+        early, leaving the rest unread, once ``stop`` is set."""
         from huggingface_hub.utils import hf_raise_for_status, http_stream_backoff
 
         http = _http_module()
@@ -183,6 +188,8 @@ class HubFile:
         tries = 0
         last: BaseException | None = None
         while got < n:
+            if stop is not None and stop.is_set():
+                return
             headers = {**self._headers, "Range": f"bytes={start + got}-{end - 1}"}
             try:
                 with http_stream_backoff(
@@ -202,6 +209,8 @@ class HubFile:
                     self._check_range(r, start + got, end)
                     try:
                         for chunk in r.iter_bytes(_CHUNK):
+                            if stop is not None and stop.is_set():
+                                return
                             if got + len(chunk) > n:
                                 raise SourceError(
                                     f"{self._what()}: the server sent more than the "
