@@ -13,6 +13,7 @@ Fixtures (see tests/factory.py for the objects they return):
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -33,6 +34,14 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="safelora-hf-home-")
 os.environ.pop("HF_HUB_CACHE", None)
+
+# A test run started in the background of a non-interactive shell (or under nohup) inherits
+# SIGINT/SIGHUP ignored, and so would every safelora child it starts: safelora keeps an ignored
+# signal ignored, as nohup asks, so the signal tests would see no interruption. Handled here,
+# the signals reach the children at their default (a handler is reset by exec, an ignore is not).
+for _sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    if signal.getsignal(_sig) is signal.SIG_IGN:
+        signal.signal(_sig, signal.default_int_handler if _sig == signal.SIGINT else signal.SIG_DFL)
 
 
 @pytest.fixture(autouse=True)
