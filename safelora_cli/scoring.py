@@ -26,8 +26,10 @@ Public API (``inspect`` and ``patch`` build on it)::
         -> list[ScoredAdapter]
         Batch scoring. The union of needed weights (``weight_for(module)``, default
         ``module.weight_name``) is requested from ``source.projectors`` once, in natural order;
-        each projector is applied to every adapter that has that module, then dropped. Memory:
-        about one projector plus, per adapter, the small C B results of its modules.
+        each projector is applied once (``Projector.apply_many``) to the ``B`` of every adapter
+        that has that module, then dropped; every adapter's result is bit-identical to scoring
+        it alone. Memory: about one projector plus, per adapter, the small B and C B of its
+        modules.
     pdst(dists) -> float | None     mean of the per-module terms 1 / (1 + ||B_final - C B||_F)
 
 JSON (``AdapterReport.to_json()``; ``cosine`` is null where undefined; keys in this order)::

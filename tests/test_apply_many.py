@@ -127,15 +127,15 @@ def test_empty_degenerate_and_wrong_rows(small_blocks: None) -> None:
 def test_factor_never_forms_d_out_square(monkeypatch: pytest.MonkeyPatch) -> None:
     pr, _ = stored_projector(FACTOR, 64, 3, seed=2)
     seen: list[tuple[int, ...]] = []
-    for name in ("__matmul__", "addmm_"):
-        real = getattr(torch.Tensor, name)
+    for owner, name in ((torch.Tensor, "__matmul__"), (torch, "mm"), (torch.Tensor, "addmm_")):
+        real = getattr(owner, name)
 
-        def spy(a: torch.Tensor, *args: object, _real=real, **kw: object) -> torch.Tensor:
-            out = _real(a, *args, **kw)
+        def spy(*args: object, _real=real, **kw: object) -> torch.Tensor:
+            out = _real(*args, **kw)
             seen.append(tuple(out.shape))
             return out
 
-        monkeypatch.setattr(torch.Tensor, name, spy)
+        monkeypatch.setattr(owner, name, spy)
     pr.apply_many([torch.randn(64, 2), torch.randn(64, 5)])
     assert seen and all(s != (64, 64) for s in seen)
 
