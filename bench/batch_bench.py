@@ -9,7 +9,7 @@ Usage::
 ``git archive <commit> safelora_cli | tar -x -C DIR``); its runs get ``PYTHONPATH=DIR``, which
 comes before this venv's editable install. The synthetic pair and adapters are
 ``scale_bench``'s (``run_all.generate``); one q/v cache is built with this code
-(``--representation auto``: factors on a CPU) and read by both versions, so the only difference
+(``--representation``, default ``auto``: factors on a CPU) and read by both versions, so the only difference
 between the two is the code that patches. Per repeat, ``patch 1 adapter`` and ``patch N
 adapters`` run for both versions back to back, the order swapped every repeat; ratios are per
 repeat (drift cancels), then the median. After the timings the two versions' N-adapter
@@ -87,6 +87,7 @@ def main() -> int:
     ap.add_argument("--adapters", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--representation", default="auto", help="of the cache: auto, gram, factor")
     ap.add_argument("--work", type=Path, default=Path("/tmp/safelora-batch-bench"))
     ap.add_argument("--json", type=Path)
     ap.add_argument("--keep-data", action="store_true")
@@ -115,7 +116,7 @@ def main() -> int:
         c = run_all.generate(data, [shape], {shape.tag: (many, a.adapters)})[shape.tag]
         cache = scratch / "cache-qv"
         shutil.rmtree(cache, ignore_errors=True)
-        log("the q/v cache (this code)")
+        log(f"the q/v cache (this code, --representation {a.representation})")
         harness.run(
             "cache",
             harness.safelora_argv(
@@ -129,6 +130,8 @@ def main() -> int:
                 "--device",
                 "cpu",
                 "--quiet",
+                "--representation",
+                a.representation,
             ),
             stats=True,
             timeout=7200,
@@ -195,7 +198,9 @@ def render(res: dict) -> str:
         return ratio(col(step, "after", key), col(step, "before", key))
 
     lines = [
-        f"Measured {res['started']} UTC, {res['config']['repeats']} repeats; `uptime` before: "
+        f"Measured {res['started']} UTC, cache `--representation "
+        f"{res['config'].get('representation', 'auto')}`, {res['config']['repeats']} repeats; "
+        f"`uptime` before: "
         f"`{res['uptime_before']}`; after: `{res['uptime_after']}`.",
         "",
         "| step | version | wall s (median, min–max) | CPU s (median) | peak RSS MiB |",
