@@ -9,12 +9,12 @@ Usage::
 ``git archive <commit> safelora_cli | tar -x -C DIR``); its runs get ``PYTHONPATH=DIR``, which
 comes before this venv's editable install. The synthetic pair and adapters are
 ``scale_bench``'s (``run_all.generate``); one q/v cache is built with this code
-(``--representation``, default ``auto``: factors on a CPU) and read by both versions, so the only difference
-between the two is the code that patches. Per repeat, ``patch 1 adapter`` and ``patch N
-adapters`` run for both versions back to back, the order swapped every repeat; ratios are per
-repeat (drift cancels), then the median. After the timings the two versions' N-adapter
-outputs are compared: per module the selection, the largest cosine difference and whether
-the written ``lora_B`` bytes are equal.
+(``--representation``, default ``auto``: factors on a CPU) and read by both versions, so the
+only difference between the two is the code that patches. Per repeat, ``patch 1 adapter``
+and ``patch N adapters`` run for both versions back to back, the order swapped every repeat;
+ratios are per repeat (drift cancels), then the median. After the timings the two versions'
+N-adapter outputs are compared: per module the selection, the largest cosine difference and
+whether the written ``lora_B`` bytes are equal.
 """
 
 from __future__ import annotations
