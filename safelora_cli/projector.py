@@ -561,16 +561,6 @@ def update_scale(dw: torch.Tensor) -> float:
     return scale
 
 
-def _f64(proj: Projector) -> Projector:
-    import dataclasses
-
-    import torch
-
-    if proj.tensor.dtype == torch.float64:
-        return proj
-    return dataclasses.replace(proj, tensor=proj.tensor.to(torch.float64))
-
-
 def update_blocks(
     proj: Projector, dw: torch.Tensor, scale: float, *, block: int = UPDATE_BLOCK
 ) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
@@ -580,8 +570,9 @@ def update_blocks(
     ``dw``: ``W_ft - W_aligned`` in linear orientation ``[d_out, d_in]``, as
     :func:`alignment_delta` forms it (``alignment_delta(w_aligned, w_ft, ...)``: float32 before
     subtracting). Gram: ``C D``; factor: ``F (F^T D)`` (never ``d_out x d_out``), through
-    :meth:`Projector.apply` with the projector upcast to float64 once. ``scale == 0`` (or a
-    degenerate projector) gives zero products. ValueError for the wrong shape.
+    :meth:`Projector.apply`, which upcasts the stored tensor a row block at a time (no float64
+    copy of the whole projector). ``scale == 0`` (or a degenerate projector) gives zero
+    products. ValueError for the wrong shape.
     """
     import torch
 
@@ -590,8 +581,7 @@ def update_blocks(
             f"{proj.weight}: update has shape {tuple(dw.shape)}, projector is "
             f"[{proj.d_out}, {proj.d_in}]"
         )
-    p64 = _f64(proj)
-    dev = p64.tensor.device
+    dev = proj.tensor.device
     for c0 in range(0, proj.d_in, block):
         c1 = min(proj.d_in, c0 + block)
         # copy=True: a float64 dw must not be scaled in place.
@@ -600,7 +590,7 @@ def update_blocks(
             d.div_(scale)
         else:
             d.zero_()
-        cd = p64.apply(d) if scale else torch.zeros_like(d)
+        cd = proj.apply(d) if scale else torch.zeros_like(d)
         yield c0, c1, d, cd
 
 

@@ -174,3 +174,17 @@ def test_scores_do_not_depend_on_the_batch(kind: str, small_blocks: None) -> Non
         for key, t in alone.tensors.items():
             assert torch.equal(t, both.tensors[key])
     assert Path(together[1].report.path).name == "ad1"
+
+
+@pytest.mark.parametrize("kind", [GRAM, FACTOR])
+def test_float32_tensor_and_its_float64_upcast_give_the_same_bits(
+    kind: str, small_blocks: None
+) -> None:
+    # apply upcasts each block exactly, so a float32-stored projector and the same numbers in
+    # float64 (what patch-model's update_blocks used to pass) give identical results.
+    import dataclasses
+
+    pr32, _ = stored_projector(kind, 45, 30, seed=9)
+    pr64 = dataclasses.replace(pr32, tensor=pr32.tensor.to(torch.float64))
+    for b in batch_of(45, seed=4):
+        assert torch.equal(pr32.apply(b), pr64.apply(b))
