@@ -326,11 +326,12 @@ class Projector:
         bts = [b.to(device=dev, dtype=torch.float64).t().contiguous() for b in bs]
         if self.degenerate or not bts:
             return [torch.zeros_like(bt).t() for bt in bts]
-        width = int(self.tensor.shape[1])
+        n_rows, width = (int(s) for s in self.tensor.shape)
         rows = apply_block_rows(width)
         # One buffer for the current block: every block (the last, shorter one included) starts
-        # at its base address, so the GEMMs' operands are laid out the same in every call.
-        buf = torch.empty((rows, width), dtype=torch.float64, device=dev)
+        # at its base address, so the GEMMs' operands are laid out the same in every call. Its
+        # size depends on the projector only (no larger than the tensor).
+        buf = torch.empty((min(rows, n_rows), width), dtype=torch.float64, device=dev)
         # (C B_k)^T [r, d_out]; each block's GEMM writes its columns in place (MKL takes the
         # row stride), no temporary.
         outs = [torch.empty_like(bt) for bt in bts]
