@@ -27,6 +27,9 @@ Contract (DESIGN §1; other modules code against exactly this):
   ``.degenerate`` is ``norm_v == 0``; ``.apply(b)`` returns ``C @ B`` as float64 ``[d_out, r]``
   on the projector tensor's device (gram: ``C @ B``; factor: ``F @ (F^T @ B)``, never forming
   ``d_out x d_out``). ``B`` with the wrong number of rows raises :class:`AdapterError`.
+  ``.apply_many(bs)`` does that for a batch in one pass over the tensor (fixed float64 row
+  blocks, one product per ``B``): result ``k`` is bit-identical to ``.apply(bs[k])`` whatever
+  the batch; ``apply(b)`` is ``apply_many([b])[0]``.
 - :class:`ProjectorSource` protocol: ``get(weight, *, fan_in_fan_out=False) -> Projector`` and
   ``projectors(requests) -> Iterator[Projector]`` (``requests`` = ``[(weight, fan_in_fan_out)]``;
   yields in the given order; streaming implementations prefetch the next one). Implemented by
@@ -237,6 +240,23 @@ def alignment_delta_serial(
     return v
 
 
+# Bytes of one float64 row block in Projector.apply_many: the block is converted once and then
+# read by every adapter's GEMM, so it should stay in cache between them (L3 here: 32 MiB shared),
+# while each block costs one BLAS call per adapter and pass (a thread wake-up under
+# OMP_WAIT_POLICY=PASSIVE). Measured 2026-12-07 on the 2-core EPYC (patch of 1 and 50 adapters
+# in-process, 4096 x 4096 factors, 2-32 MiB side by side): 8 MiB had the least CPU time for both,
+# 2 MiB was 20-40% slower for 50 adapters, 16-32 MiB no faster and slower for one adapter.
+# A constant, never a function of the batch: the block boundaries, and so every adapter's
+# bits, must not depend on what else is in the batch.
+APPLY_BLOCK_BYTES = 8 << 20
+
+
+def apply_block_rows(width: int) -> int:
+    """Rows per float64 block of a ``[*, width]`` projector tensor (a multiple of 8, >= 8)."""
+    rows = APPLY_BLOCK_BYTES // (8 * max(width, 1))
+    return max(8, rows - rows % 8)
+
+
 @dataclass
 class Projector:
     """One weight's projector ``C = V V^T / ||V||_F`` in its stored representation.
@@ -264,16 +284,8 @@ class Projector:
     def numel(self) -> int:
         return int(self.tensor.numel())
 
-    def apply(self, b: torch.Tensor) -> torch.Tensor:
-        """``C @ B`` as float64 ``[d_out, r]`` on this projector's device (a transposed view:
-        not contiguous).
-
-        ``b``: ``[d_out, r]`` (LoRA ``B``, linear orientation), any float dtype/device. Gram:
-        ``C @ B``; factor: ``F @ (F^T @ B)`` (never forms ``d_out x d_out``). A degenerate
-        projector returns zeros. AdapterError when ``b`` does not have ``d_out`` rows.
-        """
-        import torch
-
+    def check_b(self, b: torch.Tensor) -> None:
+        """AdapterError unless ``b`` is 2-D with ``d_out`` rows (a LoRA ``B`` for this weight)."""
         if b.dim() != 2 or b.shape[0] != self.d_out:
             raise AdapterError(
                 f"{self.weight}: lora_B has shape {tuple(b.shape)} but the weight has "
@@ -281,18 +293,77 @@ class Projector:
                 hint="the adapter was trained on a different model, or its fan_in_fan_out "
                 "setting does not match the checkpoint",
             )
+
+    def apply(self, b: torch.Tensor) -> torch.Tensor:
+        """``C @ B`` as float64 ``[d_out, r]`` on this projector's device (a transposed view:
+        not contiguous).
+
+        ``b``: ``[d_out, r]`` (LoRA ``B``, linear orientation), any float dtype/device. Exactly
+        ``apply_many([b])[0]`` (one code path: see :meth:`apply_many`). A degenerate projector
+        returns zeros. AdapterError when ``b`` does not have ``d_out`` rows.
+        """
+        return self.apply_many([b])[0]
+
+    def apply_many(self, bs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """``[C @ B_k]`` for every ``B_k`` in ``bs``: float64 ``[d_out, r_k]`` on this
+        projector's device, each a transposed view (not contiguous).
+
+        ``B_k``: ``[d_out, r_k]`` (linear orientation), any float dtype/device, ranks may
+        differ. Gram: ``C @ B``; factor: ``F @ (F^T @ B)``, never forming ``d_out x d_out``.
+        **Batch-independent**: ``apply_many(bs)[k]`` is bit-identical to ``apply(bs[k])``
+        whatever else is in the batch, its size and its order; every product below has shapes
+        and operands that depend only on ``B_k`` and the projector (see :data:`APPLY_BLOCK_BYTES`).
+        The stored tensor is read in row blocks, each upcast to float64 once per pass and used
+        for every ``B_k`` while it is in cache; no float64 copy of the whole tensor is made.
+        AdapterError (before any work) when some ``B_k`` does not have ``d_out`` rows.
+        """
+        import torch
+
+        for b in bs:
+            self.check_b(b)
         dev = self.tensor.device
-        b64 = b.to(device=dev, dtype=torch.float64)
-        if self.degenerate:
-            return torch.zeros_like(b64)
-        t64 = self.tensor.to(torch.float64)
+        # B_k^T [r, d_out], contiguous: each block's operand is then a column slice of it.
+        bts = [b.to(device=dev, dtype=torch.float64).t().contiguous() for b in bs]
+        if self.degenerate or not bts:
+            return [torch.zeros_like(bt).t() for bt in bts]
+        n_rows, width = (int(s) for s in self.tensor.shape)
+        rows = apply_block_rows(width)
+        # One buffer for the current block: every block (the last, shorter one included) starts
+        # at its base address, so the GEMMs' operands are laid out the same in every call. Its
+        # size depends on the projector only (no larger than the tensor).
+        buf = torch.empty((min(rows, n_rows), width), dtype=torch.float64, device=dev)
+        # (C B_k)^T [r, d_out]; each block's GEMM writes its columns in place (MKL takes the
+        # row stride), no temporary.
+        outs = [torch.empty_like(bt) for bt in bts]
         # Formed as (B^T T^T)^T: MKL's float64 GEMM with a skinny right-hand side (N = r) runs
         # 2-3.5x slower than with a skinny left-hand side (M = r) on the same numbers (measured
-        # at widths 256-11008); the result is the same product, a transposed view.
-        bt = b64.t()
+        # at widths 256-11008). One GEMM per block and adapter, never one over stacked B's:
+        # a stacked product's columns change with the batch (docs/performance.md).
         if self.kind == GRAM:
-            return (bt @ t64.t()).t()
-        return ((bt @ t64) @ t64.t()).t()
+            # (C B)^T[:, i] = B^T C[i]^T: no reduction across blocks.
+            for r0, blk in self._blocks(buf, rows):
+                for bt, out in zip(bts, outs, strict=True):
+                    torch.mm(bt, blk.t(), out=out[:, r0 : r0 + blk.shape[0]])
+            return [out.t() for out in outs]
+        # Y = B^T F = sum_i B[i]^T F[i], in block order (fixed), then (F Y^T)^T[:, i] = Y F[i]^T.
+        ys = [torch.zeros((bt.shape[0], width), dtype=torch.float64, device=dev) for bt in bts]
+        for r0, blk in self._blocks(buf, rows):
+            for bt, y in zip(bts, ys, strict=True):
+                y.addmm_(bt[:, r0 : r0 + blk.shape[0]], blk)
+        for r0, blk in self._blocks(buf, rows):
+            for y, out in zip(ys, outs, strict=True):
+                torch.mm(y, blk.t(), out=out[:, r0 : r0 + blk.shape[0]])
+        return [out.t() for out in outs]
+
+    def _blocks(self, buf: torch.Tensor, rows: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(r0, T[r0:r0 + n] as float64)`` for consecutive row blocks of ``rows`` rows, each
+        copied into (a prefix of) ``buf``; valid until the next block is produced."""
+        n_rows = int(self.tensor.shape[0])
+        for r0 in range(0, n_rows, rows):
+            n = min(rows, n_rows - r0)
+            blk = buf[:n]
+            blk.copy_(self.tensor[r0 : r0 + n])
+            yield r0, blk
 
     def to(self, device: str | torch.device) -> Projector:
         """The same projector with its tensor on ``device``."""
@@ -491,16 +562,6 @@ def update_scale(dw: torch.Tensor) -> float:
     return scale
 
 
-def _f64(proj: Projector) -> Projector:
-    import dataclasses
-
-    import torch
-
-    if proj.tensor.dtype == torch.float64:
-        return proj
-    return dataclasses.replace(proj, tensor=proj.tensor.to(torch.float64))
-
-
 def update_blocks(
     proj: Projector, dw: torch.Tensor, scale: float, *, block: int = UPDATE_BLOCK
 ) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
@@ -510,8 +571,9 @@ def update_blocks(
     ``dw``: ``W_ft - W_aligned`` in linear orientation ``[d_out, d_in]``, as
     :func:`alignment_delta` forms it (``alignment_delta(w_aligned, w_ft, ...)``: float32 before
     subtracting). Gram: ``C D``; factor: ``F (F^T D)`` (never ``d_out x d_out``), through
-    :meth:`Projector.apply` with the projector upcast to float64 once. ``scale == 0`` (or a
-    degenerate projector) gives zero products. ValueError for the wrong shape.
+    :meth:`Projector.apply`, which upcasts the stored tensor a row block at a time (no float64
+    copy of the whole projector). ``scale == 0`` (or a degenerate projector) gives zero
+    products. ValueError for the wrong shape.
     """
     import torch
 
@@ -520,8 +582,7 @@ def update_blocks(
             f"{proj.weight}: update has shape {tuple(dw.shape)}, projector is "
             f"[{proj.d_out}, {proj.d_in}]"
         )
-    p64 = _f64(proj)
-    dev = p64.tensor.device
+    dev = proj.tensor.device
     for c0 in range(0, proj.d_in, block):
         c1 = min(proj.d_in, c0 + block)
         # copy=True: a float64 dw must not be scaled in place.
@@ -530,7 +591,7 @@ def update_blocks(
             d.div_(scale)
         else:
             d.zero_()
-        cd = p64.apply(d) if scale else torch.zeros_like(d)
+        cd = proj.apply(d) if scale else torch.zeros_like(d)
         yield c0, c1, d, cd
 
 

@@ -26,8 +26,10 @@ Public API (``inspect`` and ``patch`` build on it)::
         -> list[ScoredAdapter]
         Batch scoring. The union of needed weights (``weight_for(module)``, default
         ``module.weight_name``) is requested from ``source.projectors`` once, in natural order;
-        each projector is applied to every adapter that has that module, then dropped. Memory:
-        about one projector plus, per adapter, the small C B results of its modules.
+        each projector is applied once (``Projector.apply_many``) to the ``B`` of every adapter
+        that has that module, then dropped; every adapter's result is bit-identical to scoring
+        it alone. Memory: about one projector plus, per adapter, the small B and C B of its
+        modules.
     pdst(dists) -> float | None     mean of the per-module terms 1 / (1 + ||B_final - C B||_F)
 
 JSON (``AdapterReport.to_json()``; ``cosine`` is null where undefined; keys in this order)::
@@ -72,6 +74,8 @@ REASON_UNTRAINED = "untrained LoRA: B A is zero"
 REASON_ORTHOGONAL = "C B A is zero: the update is orthogonal to the alignment subspace"
 REASON_ABOVE = "cosine {cos:.5f} is above the threshold {t:.5f}"
 REASON_NONE_SELECTED = "no module selected"
+
+_EPS64 = 2.0**-52  # float64 machine epsilon
 
 
 def pow2_exponent(t: torch.Tensor) -> int | None:
@@ -365,19 +369,24 @@ def _fit_problem(cast: torch.Tensor, x: torch.Tensor, dtype: str) -> str | None:
     return None
 
 
-def _score_module(adapter: Adapter, m: LoraModule, weight: str, proj: Any) -> _Pending:
-    """One module's cosine, ||dW||, C B (cast) and Pdst terms, all scale-safe (float64).
+@dataclass
+class _Loaded:
+    """One module's checked and normalised ``B`` (float64 ``B / 2**eb``), ready for ``C @ B``."""
 
-    A and B are normalised by powers of two before any product (:func:`_normalised`), so
-    stored magnitudes anywhere in the float range give the same cosine as the same update at
-    ordinary scale (bit for bit when nothing over/underflows). Fails closed: a non-finite
-    projector or ``||V||_F`` (corrupt cache) is a CacheError, a cancelling ``B A`` or an update
-    too large for float64 an AdapterError, never a silent "untrained" or a NaN cosine.
+    adapter: Adapter
+    module: LoraModule
+    norm_v: float
+    bn: torch.Tensor
+    eb: int | None
+
+
+def _load_module(adapter: Adapter, m: LoraModule, weight: str, proj: Any) -> _Loaded:
+    """The checks that need no product (shape, ``||V||_F``) and ``B`` normalised by a power of
+    two (:func:`_normalised`). A corrupt ``||V||_F`` (non-finite or negative) is a CacheError.
     """
     import torch
 
     from safelora_cli.errors import CacheError
-    from safelora_cli.reader import torch_dtype
 
     _check_shape(adapter, m, weight, proj)
     norm_v = float(getattr(proj, "norm_v", 0.0))
@@ -387,11 +396,37 @@ def _score_module(adapter: Adapter, m: LoraModule, weight: str, proj: Any) -> _P
             f"{_file(adapter)})",
             hint="The cache is corrupt: rebuild it with safelora compute-projections.",
         )
-    b64 = adapter.load_b(m, dtype=torch.float64)
-    a64 = adapter.load_a(m, dtype=torch.float64)
-    bn, eb = _normalised(b64)
-    an, ea = _normalised(a64)
-    xn = proj.apply(bn).to(device="cpu", dtype=torch.float64)  # C (B / 2**eb)
+    bn, eb = _normalised(adapter.load_b(m, dtype=torch.float64))
+    return _Loaded(adapter, m, norm_v, bn, eb)
+
+
+def _apply_all(proj: Any, bns: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``[C @ B_k]`` through ``proj.apply_many`` (one pass over the projector for the whole
+    batch, each result independent of the batch) or, for a projector-like object without it,
+    ``proj.apply`` per ``B``."""
+    many = getattr(proj, "apply_many", None)
+    if many is not None:
+        return list(many(bns))
+    return [proj.apply(bn) for bn in bns]
+
+
+def _finish_module(ld: _Loaded, weight: str, proj: Any, cb: torch.Tensor) -> _Pending:
+    """One module's cosine, ||dW||, C B (cast) and Pdst terms, all scale-safe (float64).
+
+    ``cb`` is ``C @ ld.bn``. A and B are normalised by powers of two before any product
+    (:func:`_normalised`), so stored magnitudes anywhere in the float range give the same cosine
+    as the same update at ordinary scale (bit for bit when nothing over/underflows). Fails
+    closed: a non-finite projector (corrupt cache) is a CacheError, a cancelling ``B A`` or an
+    update too large for float64 an AdapterError, never a silent "untrained" or a NaN cosine.
+    """
+    import torch
+
+    from safelora_cli.errors import CacheError
+    from safelora_cli.reader import torch_dtype
+
+    adapter, m, norm_v, bn, eb = ld.adapter, ld.module, ld.norm_v, ld.bn, ld.eb
+    an, ea = _normalised(adapter.load_a(m, dtype=torch.float64))
+    xn = cb.to(device="cpu", dtype=torch.float64)  # C (B / 2**eb)
     if not bool(torch.isfinite(xn).all()):
         raise CacheError(
             f"the projector of {weight} contains NaN or Inf (C B is not finite for module "
@@ -427,10 +462,11 @@ def _score_module(adapter: Adapter, m: LoraModule, weight: str, proj: Any) -> _P
                 "apart in magnitude?)",
             )
         else:
-            tensor = getattr(proj, "tensor", None)
-            eps = torch.finfo(tensor.dtype).eps if tensor is not None else 2.0**-52
-            # ||C B|| <= ||C||_2 ||B|| <= tr(C) ||B|| = ||V||_F ||B||: below the projector's own
-            # precision of that bound C B is rounding noise, i.e. zero.
+            # ||C B|| <= ||C||_2 ||B|| <= tr(C) ||B|| = ||V||_F ||B||: below float64's precision
+            # of that bound (the precision C B is formed in) C B is rounding noise, i.e. zero.
+            # (float64 eps is what this test has used since it was written: the projector was
+            # then upcast to float64 before it reached here.)
+            eps = _EPS64
             if (
                 ex is None
                 or not float(torch.linalg.vector_norm(xn))
@@ -473,22 +509,20 @@ def _score_group(
     proj: Any,
     pending: list[dict[str, _Pending]],
 ) -> None:
-    """Score every module that shares ``proj``, upcasting the projector to float64 once.
+    """Score every module that shares ``proj``: one ``proj.apply_many`` over all their ``B``.
 
-    ``apply`` works in float64; handing it an already-float64 projector avoids one d_out^2
-    (or d_out x d_in) copy per adapter, which dominated a 50-adapter batch. Each adapter still
-    gets its own ``C @ B`` with the same shapes as alone, so results are bit-identical however
-    adapters are batched (or split across ranks).
+    The projector is read once per pass for the whole group, a float64 row block at a time
+    (:meth:`safelora_cli.projector.Projector.apply_many`); each adapter's ``C @ B`` is still
+    its own product with the same shapes as alone, so results are bit-identical however
+    adapters are batched (or split across ranks). Every check of :func:`_load_module` runs for
+    every module before the product, every check of :func:`_finish_module` after it, in the
+    group's order. Memory: the projector plus each module's ``B`` and ``C B`` (``d_out x r``).
     """
-    import dataclasses
-
-    import torch
-
-    tensor = getattr(proj, "tensor", None)
-    if dataclasses.is_dataclass(proj) and tensor is not None and tensor.dtype != torch.float64:
-        proj = dataclasses.replace(proj, tensor=tensor.to(torch.float64))
-    for i, m in group:
-        pending[i][m.name] = _score_module(adapters[i], m, weight, proj)
+    loaded = [_load_module(adapters[i], m, weight, proj) for i, m in group]
+    cbs = _apply_all(proj, [ld.bn for ld in loaded])
+    for (i, m), ld, cb in zip(group, loaded, cbs, strict=True):
+        pending[i][m.name] = _finish_module(ld, weight, proj, cb)
+    del loaded, cbs
 
 
 def _report(

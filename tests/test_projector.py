@@ -156,14 +156,16 @@ def test_apply_factor_never_forms_d_out_square(monkeypatch: pytest.MonkeyPatch) 
     pr = build_projector("w", torch.randn(64, 3), fan_in_fan_out=False)
     assert pr.kind == FACTOR
     seen: list[tuple[int, ...]] = []
-    real = torch.Tensor.__matmul__
+    # Every product apply may use: the @ operator, torch.mm (with out=) and Tensor.addmm_.
+    for owner, name in ((torch.Tensor, "__matmul__"), (torch, "mm"), (torch.Tensor, "addmm_")):
+        real = getattr(owner, name)
 
-    def spy(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        out = real(a, b)
-        seen.append(tuple(out.shape))
-        return out
+        def spy(*args: object, _real=real, **kw: object) -> torch.Tensor:
+            out = _real(*args, **kw)
+            seen.append(tuple(out.shape))
+            return out
 
-    monkeypatch.setattr(torch.Tensor, "__matmul__", spy)
+        monkeypatch.setattr(owner, name, spy)
     pr.apply(torch.randn(64, 2))
     assert seen and all(s != (64, 64) for s in seen)
 
