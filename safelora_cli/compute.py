@@ -76,7 +76,13 @@ from safelora_cli.errors import (
     UsageError,
 )
 from safelora_cli.naming import natural_sorted
-from safelora_cli.progress import announce, report_fetched, size_text
+from safelora_cli.progress import (
+    announce,
+    fetched_line,
+    hub_transfer,
+    report_fetched,
+    size_text,
+)
 from safelora_cli.projector import (
     GRAM,
     Projector,
@@ -200,18 +206,6 @@ class ComputeSummary:
             "fetched": self.fetched,
             "shards_bytes": self.shards_bytes,
         }
-
-
-def fetched_line(fetched: int, total: int) -> str:
-    """``fetched X of Y (the shards' total) from the Hub``: what ranged reads cost."""
-    return f"fetched {_mb(fetched)} of {_mb(total)} (the shards' total) from the Hub"
-
-
-def hub_transfer(*readers: CheckpointReader) -> tuple[int, int]:
-    """(bytes fetched, total size of the files read by byte ranges) over ``readers``."""
-    fetched = sum(r.bytes_fetched for r in readers)
-    total = sum(r.file_size(f) for r in readers for f in r.remote_files)
-    return fetched, total
 
 
 def _mb(n: int) -> str:
@@ -414,6 +408,9 @@ class StreamingProjectorSource:
 
     Nothing is cached or written; each ``get`` reads both tensors of that weight once.
     ``projectors`` prefetches the next pair on a background thread. Projectors are on ``device``.
+    When either reader reads a Hub model by byte ranges, ``progress`` (optional) is told the
+    bytes fetched so far after each projector (:func:`report_fetched`); :meth:`transfer` gives
+    the figures for a summary.
     """
 
     def __init__(
@@ -423,6 +420,7 @@ class StreamingProjectorSource:
         *,
         device: str | torch.device = "cpu",
         representation: str = "auto",
+        progress: object | None = None,
     ):
         import torch
 
@@ -437,10 +435,27 @@ class StreamingProjectorSource:
             base_reader, aligned_reader, dev, pool=pool, representation=representation
         )
         self.device = dev
+        # Only a ranged Hub read has anything to report; local runs never call the progress.
+        remote = bool(base_reader.remote_files or aligned_reader.remote_files)
+        self._progress = progress if remote else None
 
     @property
     def bytes_read(self) -> int:
         return self._stream.base.bytes_read + self._stream.aligned.bytes_read
+
+    @property
+    def readers(self) -> tuple[CheckpointReader, CheckpointReader]:
+        """The (base, aligned) readers the projectors are computed from."""
+        return (self._stream.base, self._stream.aligned)
+
+    def transfer(self) -> tuple[int, int]:
+        """(bytes fetched from the Hub by ranged reads, the shards' total) so far; (0, 0) when
+        both models are local or already downloaded."""
+        return hub_transfer(*self.readers)
+
+    def _report(self) -> None:
+        if self._progress is not None:
+            report_fetched(self._progress, *self.transfer())
 
     def _target(self, weight: str, fan_in_fan_out: bool) -> Target:
         check_pairs(self._stream.base, self._stream.aligned, [weight])
@@ -454,11 +469,26 @@ class StreamingProjectorSource:
 
     def get(self, weight: str, *, fan_in_fan_out: bool = False) -> Projector:
         t = self._target(weight, fan_in_fan_out)
-        return self._stream.compute([self._stream.load(t)])
+        pr = self._stream.compute([self._stream.load(t)])
+        self._report()
+        return pr
 
     def projectors(self, requests: Sequence[tuple[str, bool]]) -> Iterator[Projector]:
         targets = [self._target(w, f) for w, f in requests]
-        return self._stream.stream(targets)
+        if self._progress is None:
+            return self._stream.stream(targets)
+        return self._reporting(self._stream.stream(targets))
+
+    def _reporting(self, it: Iterator[Projector]) -> Iterator[Projector]:
+        try:
+            for pr in it:
+                self._report()
+                yield pr
+        finally:
+            # Closed with this one, so the prefetch thread stops when the caller stops.
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
 
 
 def schedule(

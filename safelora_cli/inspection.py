@@ -453,12 +453,19 @@ def score(
     adapter loading, module-to-weight mapping and projector source as
     :func:`safelora_cli.patch.patch_adapters`, and :func:`safelora_cli.scoring.score_adapters`
     for cosines, selection and Pdst. Nothing is written. Returns one AdapterReport per adapter
-    in argument order (``output`` None, ``sources`` set); ``to_json()`` is the ``patch --json``
-    schema. Raises UsageError for flag combinations patch refuses, and the inputs' errors.
+    in argument order (``output`` None, ``sources`` set), as
+    :class:`~safelora_cli.projector_source.AdapterReports` (what was fetched from the Hub by
+    byte ranges, too); ``to_json()`` is the ``patch --json`` schema.
+    Raises UsageError for flag combinations patch refuses, and the inputs' errors.
     """
     # The same checks and source as patch: inspect must see the weights patch would use.
     from safelora_cli.adapter import load_adapters
-    from safelora_cli.projector_source import check_flags, open_projector_source
+    from safelora_cli.projector_source import (
+        AdapterReports,
+        check_flags,
+        open_projector_source,
+        source_transfer,
+    )
     from safelora_cli.scoring import score_adapters
 
     check_flags(adapters, projections, base, aligned, revision_base, revision_aligned, None)
@@ -476,13 +483,14 @@ def score(
             save_projections=None,
             download=download,
             representation=representation,
+            progress=progress,
         ) as (source, weight_for, sources):
             scored = score_adapters(
                 loaded, source, selection, weight_for=weight_for, progress=progress
             )
         for s in scored:
             s.report.sources = sources
-        return [s.report for s in scored]
+        return AdapterReports((s.report for s in scored), source_transfer(source))
     finally:
         for ad in loaded:
             ad.close()

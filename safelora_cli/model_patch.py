@@ -74,6 +74,7 @@ from safelora_cli.output import (
     write_outputs,
     write_text,
 )
+from safelora_cli.progress import hub_transfer, report_fetched
 from safelora_cli.selection import Decision, Selection, round_cosine, select
 
 if TYPE_CHECKING:
@@ -259,6 +260,11 @@ class ModelReport:
     dry_run: bool = False
     kind: str = "model"
     pdst: float | None = None  # a LoRA figure; not defined for full fine-tunes
+    # Hub models read by byte ranges (ALIGNED, BASE): bytes received and the total size of the
+    # shards read by ranges; both 0 when none was. Not in to_json: the report file is the same
+    # for the same inputs, whatever was already downloaded.
+    fetched: int = 0
+    shards_bytes: int = 0
 
     @property
     def adapter(self) -> str:
@@ -628,6 +634,26 @@ def _score_one(inputs: _Inputs, t: ModelTarget, proj: Any) -> ModelModuleScore:
     )
 
 
+def _ranged(inputs: _Inputs, source: Any) -> list[CheckpointReader]:
+    """The readers that may read by byte ranges: ALIGNED, and BASE when projectors are
+    computed on the fly (FINETUNED is always read whole)."""
+    readers = [inputs.aligned, *getattr(source, "readers", ())]
+    return list({id(r): r for r in readers}.values())  # ALIGNED is the stream's too
+
+
+def _fetched(inputs: _Inputs, source: Any, progress: Progress | None) -> None:
+    """Tell ``progress`` the bytes fetched from the Hub so far, when anything is read by ranges
+    (:func:`safelora_cli.progress.report_fetched`)."""
+    readers = _ranged(inputs, source)
+    if any(r.remote_files for r in readers):
+        report_fetched(progress, *hub_transfer(*readers))
+
+
+def _note_transfer(report: ModelReport, inputs: _Inputs, source: Any) -> None:
+    """Record on ``report`` what ranged reads fetched so far, of the shards' total."""
+    report.fetched, report.shards_bytes = hub_transfer(*_ranged(inputs, source))
+
+
 def _score_targets(
     inputs: _Inputs,
     source: Any,
@@ -638,6 +664,7 @@ def _score_targets(
     requests = [(t.weight, t.fan_in_fan_out) for t in targets]
     if progress is not None:
         progress.start(len(targets), "scoring")
+        _fetched(inputs, source, progress)
     stream: Any = None
     out: list[ModelModuleScore] = []
     try:
@@ -649,6 +676,7 @@ def _score_targets(
             out.append(_score_one(inputs, t, proj))
             del proj
             if progress is not None:
+                _fetched(inputs, source, progress)
                 progress.advance(1, inputs.ft.info(t.weight).nbytes)
     finally:
         close = getattr(stream, "close", None)
@@ -768,6 +796,7 @@ def _write_shards(
     stream: Any = iter(source.projectors(requests)) if requests else iter(())
     if progress is not None:
         progress.start(len(per_shard), "writing")
+        _fetched(inputs, source, progress)
     try:
         for shard, names in per_shard:
             entries = []
@@ -792,6 +821,7 @@ def _write_shards(
                         except OverflowError:
                             raise _does_not_fit(t) from None
                         del proj, w_al, dw
+                        _fetched(inputs, source, progress)
                         return tensor_bytes(w)
 
                 else:
@@ -1013,6 +1043,7 @@ def score_model(
         scores = _score_targets(inputs, source, inputs.targets, progress)
         report = decide(finetuned, inputs.ft_spec.path, scores, selection)
         report.sources = sources
+        _note_transfer(report, inputs, source)
         return report
 
 
@@ -1096,6 +1127,7 @@ def patch_model(
             report.sources = sources
             report.output = str(plan.targets[0])
             report.dry_run = dry_run
+            _note_transfer(report, inputs, source)
             if dry_run:
                 return report
             by_weight = {t.weight: t for t in inputs.targets}
@@ -1111,6 +1143,7 @@ def patch_model(
                 if named is e:
                     raise
                 raise named from e
+            _note_transfer(report, inputs, source)  # the selected weights were read again
     return report
 
 

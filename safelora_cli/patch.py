@@ -43,7 +43,9 @@
   publishes them. Outputs
   are byte-identical to a single-process run.
 
-Returns one :class:`~safelora_cli.scoring.AdapterReport` per adapter, in argument order.
+Returns one :class:`~safelora_cli.scoring.AdapterReport` per adapter, in argument order
+(:class:`~safelora_cli.projector_source.AdapterReports`: with one process it also says what was
+fetched from the Hub by byte ranges).
 """
 
 from __future__ import annotations
@@ -73,7 +75,12 @@ from safelora_cli.output import (
 from safelora_cli.output import check_links as _check_links_in
 from safelora_cli.output import plan_outputs as _plan
 from safelora_cli.output import write_outputs as _write_all
-from safelora_cli.projector_source import check_flags, open_projector_source
+from safelora_cli.projector_source import (
+    AdapterReports,
+    check_flags,
+    open_projector_source,
+    source_transfer,
+)
 from safelora_cli.scoring import AdapterReport, ScoredAdapter, score_adapters
 from safelora_cli.selection import Selection
 
@@ -172,6 +179,7 @@ def patch_adapters(
             save_projections=save_projections,
             representation=representation,
             download=download,
+            progress=progress,
         ) as (source, weight_for, sources):
             scored = score_adapters(
                 loaded, source, selection, weight_for=weight_for, progress=progress
@@ -191,7 +199,7 @@ def patch_adapters(
                     if named is e:
                         raise
                     raise named from e
-        return [s.report for s in scored]
+        return AdapterReports((s.report for s in scored), source_transfer(source))
     finally:
         for ad in loaded:
             ad.close()

@@ -12,7 +12,10 @@ reads so far, and the total size of the shards they come from.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from safelora_cli.reader import CheckpointReader
 
 
 class Progress(Protocol):
@@ -49,6 +52,20 @@ def size_text(n: int) -> str:
     if n >= 1e9:
         return f"{n / 1e9:.2f} GB"
     return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def fetched_line(fetched: int, total: int) -> str:
+    """``fetched X of Y (the shards' total) from the Hub``: what ranged reads cost (``total``:
+    the size of the shards read by byte ranges)."""
+    return f"fetched {size_text(fetched)} of {size_text(total)} (the shards' total) from the Hub"
+
+
+def hub_transfer(*readers: CheckpointReader) -> tuple[int, int]:
+    """(bytes fetched, total size of the files read by byte ranges) over ``readers``; (0, 0)
+    when none reads by ranges. Valid after the readers are closed."""
+    fetched = sum(r.bytes_fetched for r in readers)
+    total = sum(r.file_size(f) for r in readers for f in r.remote_files)
+    return fetched, total
 
 
 def report_fetched(progress: object | None, fetched: int, total: int) -> None:

@@ -6,14 +6,15 @@ or ``--base`` + ``--aligned`` checkpoints (only the needed weights are read, str
 cached unless ``save_projections`` is given). Modules map to checkpoint weights exactly as
 ``compute-projections`` maps them (``targets.weight_for_module``). ``patch`` and ``inspect``
 both go through :func:`check_flags` and :func:`open_projector_source`, so inspect sees the
-weights patch would use.
+weights patch would use. Both return :class:`AdapterReports`: the reports and what the run
+fetched from the Hub by byte ranges (:func:`source_transfer`), for the CLI's summary line.
 """
 
 from __future__ import annotations
 
 import contextlib
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -68,6 +69,24 @@ def check_flags(
             "--save-projections needs --base and --aligned.",
             hint="With -p the projections are already cached.",
         )
+
+
+class AdapterReports(list[Any]):
+    """One AdapterReport per adapter, in argument order (a plain list otherwise), and what the
+    run fetched from the Hub by byte ranges: ``fetched`` bytes of ``shards_bytes`` (the total
+    size of the shards read by ranges). Both are 0 when nothing was read by ranges (a cache,
+    local or already downloaded models)."""
+
+    def __init__(self, reports: Iterable[Any] = (), transfer: tuple[int, int] = (0, 0)) -> None:
+        super().__init__(reports)
+        self.fetched, self.shards_bytes = transfer
+
+
+def source_transfer(source: Any) -> tuple[int, int]:
+    """(bytes fetched by ranged reads, the shards' total) of a projector source; (0, 0) for a
+    cache. Still valid once the source's context has closed its readers."""
+    transfer = getattr(source, "transfer", None)
+    return transfer() if callable(transfer) else (0, 0)
 
 
 def provenance(spec: Any) -> dict[str, Any]:
@@ -125,12 +144,14 @@ def open_projector_source(
     save_projections: Path | None,
     representation: str = "auto",
     download: str = "ranged",
+    progress: object | None = None,
 ) -> Iterator[tuple[Any, Callable[[LoraModule], str], dict[str, Any]]]:
     """``(ProjectorSource, weight_for, provenance)``; everything checked before yielding.
 
     ``representation`` (``auto|gram|factor``) is how projectors built from ``base``/``aligned``
     are stored (and saved); with ``projections`` the cache decides, so anything but ``auto``
-    is a UsageError.
+    is a UsageError. ``progress``: told the bytes fetched from the Hub as projectors are
+    built from models read by byte ranges (:func:`source_transfer` gives the totals).
     """
     from safelora_cli.adapter import orient_for_base
 
@@ -197,6 +218,7 @@ def open_projector_source(
             aligned_reader,
             device=_torch_device(device),
             representation=representation,
+            progress=progress,
         )
         source.require(requests)  # headers only: shapes, dtypes, presence, before any compute
         sources = {"base": provenance(base_spec), "aligned": provenance(aligned_spec)}
@@ -266,6 +288,10 @@ class SavingSource:
                 b, a = (tensor_sha256(r, p.weight) for r in self.readers)
                 sha = (b, a)
             self.cache.put(p, source_sha256=sha)
+
+    def transfer(self) -> tuple[int, int]:
+        """The wrapped source's :func:`source_transfer`."""
+        return source_transfer(self.inner)
 
     def finish(self) -> None:
         self.cache.finish()

@@ -483,3 +483,206 @@ def test_token_sent_to_the_hub_not_to_the_cdn(
     hub_side = [a for p, a in hub.auth if "/resolve/" in p]
     assert cdn and all(a is None for a in cdn)
     assert hub_side and all(a == "Bearer hf_local_test_token" for a in hub_side)
+
+
+# ------------------------------------------------- patch / patch-model: what was fetched
+
+
+def shard_bytes_served(hub: HubServer) -> int:
+    """What the server sent of the models' shards (ranged reads), not the JSON files."""
+    return sum(n for p, n in hub.served.items() if p.endswith(".safetensors"))
+
+
+def shards_total(d: Path, pick) -> int:
+    """The total size of the shards of ``d`` holding a tensor ``pick`` accepts."""
+    return sum(
+        f.stat().st_size
+        for f in sorted(d.glob("*.safetensors"))
+        if any(n != "__metadata__" and pick(n) for n in header(f)[0])
+    )
+
+
+def in_layers(*layers: int):
+    return lambda n: is_target(n) and any(f".layers.{i}." in n for i in layers)
+
+
+def is_block_weight(n: str) -> bool:
+    """What patch-model targets by default: 2-D weights inside layers.N, no norms."""
+    return ".layers." in n and n.endswith(".weight") and "norm" not in n
+
+
+def hub_lines(text: str) -> list[str]:
+    return [ln for ln in text.splitlines() if "from the Hub" in ln]
+
+
+class Recording:
+    """A progress object that keeps what ``fetched`` was told."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, int]] = []
+
+    def start(self, total: int, description: str) -> None:
+        pass
+
+    def advance(self, units: int = 1, nbytes: int = 0) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+    def fetched(self, nbytes: int, total: int) -> None:
+        self.seen.append((nbytes, total))
+
+
+def test_patch_reports_what_was_fetched(hub: HubServer, models, tmp_path: Path) -> None:
+    """patch --base/--aligned (Hub ids): the progress and the result carry the server's count."""
+    from safelora_cli.patch import patch_adapters
+    from tests.model_trio import read
+
+    serve(hub, models)
+    adapter = factory.write_adapter(tmp_path / "adapter", base=read(models[0]), layers=[1, 3])
+    rec = Recording()
+    reports = patch_adapters(
+        [str(adapter)],
+        tmp_path / "out",
+        base="org/base",
+        aligned="org/aligned",
+        device="cpu",
+        progress=rec,
+    )
+    total = sum(shards_total(d, in_layers(1, 3)) for d in models)
+    assert reports.fetched == shard_bytes_served(hub) > 0
+    assert reports.shards_bytes == total
+    assert len(rec.seen) == 4  # one per projector: layers 1 and 3 x (q, v)
+    assert [n for n, _ in rec.seen] == sorted(n for n, _ in rec.seen)
+    assert rec.seen[-1] == (reports.fetched, total)
+    # Local models: nothing read by ranges, nothing told.
+    rec = Recording()
+    local = patch_adapters(
+        [str(adapter)],
+        tmp_path / "local",
+        base=str(models[0]),
+        aligned=str(models[1]),
+        device="cpu",
+        progress=rec,
+    )
+    assert (local.fetched, local.shards_bytes, rec.seen) == (0, 0, [])
+
+
+def test_patch_cli_says_once_what_was_fetched(hub: HubServer, models, tmp_path: Path) -> None:
+    from safelora_cli.progress import fetched_line
+    from tests.model_trio import read
+
+    serve(hub, models)
+    base_w = read(models[0])
+    a1 = factory.write_adapter(tmp_path / "a1", base=base_w, layers=[1, 3])
+    a2 = factory.write_adapter(tmp_path / "a2", base=base_w, layers=[1], seed=1)
+    hub_args = ["--base", "org/base", "--aligned", "org/aligned", "--device", "cpu"]
+    run = CliRunner().invoke
+    hub.reset_counters()
+    r = run(app, ["patch", str(a1), str(a2), *hub_args, "-o", str(tmp_path / "o1")])
+    assert r.exit_code == 0, r.stderr
+    total = sum(shards_total(d, in_layers(1, 3)) for d in models)
+    # Once per run, the summary's last line, with the server's figures.
+    assert hub_lines(r.stderr) == [fetched_line(shard_bytes_served(hub), total)]
+    assert r.stderr.strip().splitlines()[-1] == hub_lines(r.stderr)[0]
+    assert not hub_lines(r.stdout)
+
+    q = run(app, ["patch", str(a1), *hub_args, "-o", str(tmp_path / "o2"), "--quiet"])
+    assert q.exit_code == 0, q.stderr
+    assert not hub_lines(q.stdout) and not hub_lines(q.stderr)
+
+    j = run(app, ["patch", str(a1), *hub_args, "-o", str(tmp_path / "o3"), "--json"])
+    assert j.exit_code == 0, j.stderr
+    assert not hub_lines(j.stdout) and not hub_lines(j.stderr)
+    assert all(json.loads(ln)["adapter"] for ln in j.stdout.splitlines())
+
+    local = ["--base", str(models[0]), "--aligned", str(models[1]), "--device", "cpu"]
+    loc = run(app, ["patch", str(a1), *local, "-o", str(tmp_path / "o4")])
+    assert loc.exit_code == 0, loc.stderr
+    assert "projected" in loc.stderr and not hub_lines(loc.stderr)
+
+
+def fine_tune(aligned: Path, out: Path) -> Path:
+    """A full fine-tune of ``aligned``: every block weight moved a little, 3 shards."""
+    import torch
+
+    from tests.model_trio import read
+
+    g = torch.Generator().manual_seed(7)
+    w = {
+        n: (t + 0.01 * torch.randn(t.shape, generator=g, dtype=t.dtype))
+        if is_block_weight(n)
+        else t
+        for n, t in read(aligned).items()
+    }
+    return factory.write_checkpoint(out, w, shards=3, config="llama")
+
+
+def test_patch_model_reports_what_was_fetched(hub: HubServer, models, tmp_path: Path) -> None:
+    """patch-model FINETUNED (local) --aligned/--base (Hub ids): ALIGNED and BASE by ranges."""
+    from safelora_cli.model_patch import patch_model
+    from safelora_cli.progress import fetched_line
+
+    serve(hub, models)
+    ft = fine_tune(models[1], tmp_path / "ft")
+    total = sum(shards_total(d, is_block_weight) for d in models)
+    rec = Recording()
+    rep = patch_model(
+        str(ft),
+        tmp_path / "out",
+        aligned="org/aligned",
+        base="org/base",
+        device="cpu",
+        progress=rec,
+    )
+    assert rep.projected > 0  # pass 2 read the selected ALIGNED weights again
+    assert rep.fetched == shard_bytes_served(hub) > 0 and rep.shards_bytes == total
+    assert rec.seen and rec.seen[-1] == (rep.fetched, total)
+    assert "fetched" not in rep.to_json() and "shards_bytes" not in rep.to_json()
+
+    run = CliRunner().invoke
+    hub_args = ["--aligned", "org/aligned", "--base", "org/base", "--device", "cpu"]
+    hub.reset_counters()
+    r = run(app, ["patch-model", str(ft), *hub_args, "-o", str(tmp_path / "o1")])
+    assert r.exit_code == 0, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == fetched_line(shard_bytes_served(hub), total)
+    assert len(hub_lines(r.stderr)) == 1 and not hub_lines(r.stdout)
+
+    q = run(app, ["patch-model", str(ft), *hub_args, "-o", str(tmp_path / "o2"), "--quiet"])
+    assert q.exit_code == 0, q.stderr
+    assert not hub_lines(q.stdout) and not hub_lines(q.stderr)
+    j = run(app, ["patch-model", str(ft), *hub_args, "-o", str(tmp_path / "o3"), "--json"])
+    assert j.exit_code == 0, j.stderr
+    assert not hub_lines(j.stdout) and not hub_lines(j.stderr)
+    assert json.loads(j.stdout)["model"] == str(ft)
+
+    local = ["--aligned", str(models[1]), "--base", str(models[0]), "--device", "cpu"]
+    loc = run(app, ["patch-model", str(ft), *local, "-o", str(tmp_path / "o4")])
+    assert loc.exit_code == 0, loc.stderr
+    assert "projected" in loc.stderr and not hub_lines(loc.stderr)
+
+
+def test_inspect_says_what_was_fetched_on_stderr(hub: HubServer, models, tmp_path: Path) -> None:
+    """inspect (adapter or full model) with Hub ids: the line on stderr, the table on stdout."""
+    from safelora_cli.progress import fetched_line
+    from tests.model_trio import read
+
+    serve(hub, models)
+    adapter = factory.write_adapter(tmp_path / "adapter", base=read(models[0]), layers=[1, 3])
+    ft = fine_tune(models[1], tmp_path / "ft")
+    run = CliRunner().invoke
+    for args, pick in (
+        ([str(adapter), "--base", "org/base", "--aligned", "org/aligned"], in_layers(1, 3)),
+        ([str(ft), "--aligned", "org/aligned", "--base", "org/base"], is_block_weight),
+    ):
+        hub.reset_counters()
+        r = run(app, ["inspect", *args, "--device", "cpu"])
+        assert r.exit_code == 0, r.stderr
+        total = sum(shards_total(d, pick) for d in models)
+        assert hub_lines(r.stderr) == [fetched_line(shard_bytes_served(hub), total)]
+        assert not hub_lines(r.stdout)
+        for flag in ("--json", "--quiet"):
+            o = run(app, ["inspect", *args, "--device", "cpu", flag])
+            assert o.exit_code == 0, o.stderr
+            assert not hub_lines(o.stdout) and not hub_lines(o.stderr)

@@ -678,6 +678,7 @@ def command(
         # default --num-layers 10 would project (which says nothing about the gate).
         no_selection = num_layers is None and threshold is None and fraction is None
         _render_reports(reports, sort_key, top, fail_below if no_selection else None)
+        _fetched_status(reports, quiet)
     if fail_below is not None:
         result = gate(reports, fail_below)
         if not result.passed:
@@ -712,6 +713,15 @@ def _inspect_adapters_alone(adapters: Sequence[str], *, json_out: bool) -> None:
 
 
 # ----------------------------------------------------------------------------- full model
+
+
+def _fetched_status(result: Any, quiet: bool) -> None:
+    """``fetched X of Y (the shards' total) from the Hub`` on stderr (the table is stdout's
+    data) when ``result`` (reports or a model report) says models were read by byte ranges."""
+    from safelora_cli.progress import fetched_line
+
+    if getattr(result, "shards_bytes", 0):
+        render.status(fetched_line(result.fetched, result.shards_bytes), quiet=quiet)
 
 
 def _gate(reports: Sequence[Any], fail_below: float | None, fix: str) -> None:
@@ -777,4 +787,5 @@ def _inspect_model(
         _emit_lines([json.dumps(report.to_json(), allow_nan=False)])
     else:
         _render_reports([report], sort_key, top)
+        _fetched_status(report, quiet)
     _gate([report], fail_below, "patch the model with safelora patch-model, or review it.")

@@ -119,9 +119,11 @@ def _fmt(x: float | None, spec: str = ".5f") -> str:
 
 
 def _summary(reports: list) -> None:
-    """A few human lines per adapter on stderr: projected N of M, Pdst, lowest cosines, where."""
+    """A few human lines per adapter on stderr: projected N of M, Pdst, lowest cosines, where;
+    then, when models were read from the Hub by byte ranges, what was fetched (one line)."""
     from rich.markup import escape
 
+    from safelora_cli.progress import fetched_line
     from safelora_cli.render import err_console, module_lines, safe_text, selection_rule
 
     con = err_console()
@@ -147,3 +149,6 @@ def _summary(reports: list) -> None:
             say(f"  carried over unchanged: {len(rep.skipped)} (embedding/DoRA/...)")
         where = "would be written to" if rep.dry_run else "written to"
         say(f"  {where} {escape(str(rep.output))}")
+    # Once per run: the adapters' projectors came from one pair of models.
+    if getattr(reports, "shards_bytes", 0):
+        say(fetched_line(reports.fetched, reports.shards_bytes))  # type: ignore[attr-defined]

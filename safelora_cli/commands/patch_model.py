@@ -106,9 +106,11 @@ def command(
 
 def _summary(rep: Any) -> None:
     """A few human lines on stderr: projected N of M, the rule, the projected weights (the
-    first ten, then ``+N more``), the lowest cosines left alone, where."""
+    first ten, then ``+N more``), the lowest cosines left alone, where; then, when ALIGNED or
+    BASE was read from the Hub by byte ranges, what was fetched."""
     from rich.markup import escape
 
+    from safelora_cli.progress import fetched_line
     from safelora_cli.render import err_console, module_lines, safe_text, selection_rule
 
     con = err_console()
@@ -128,3 +130,5 @@ def _summary(rep: Any) -> None:
         say(f"  no cosine (never projected): {len(undefined)}; see the report")
     where = "would be written to" if rep.dry_run else "written to"
     say(f"  {where} {escape(str(rep.output))}")
+    if rep.shards_bytes:
+        say(fetched_line(rep.fetched, rep.shards_bytes))
