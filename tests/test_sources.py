@@ -410,15 +410,19 @@ def test_file_not_found_on_hub(online, sharded) -> None:
     assert "config.json" in msg and "not found" in msg
 
 
-def test_download_pinned_to_commit_with_token(online, sharded) -> None:
-    """--download full: whole shards through hf_hub_download (ranged reads: test_hub_ranged)."""
+def test_download_pinned_to_commit_with_token(online, sharded, tmp_path: Path) -> None:
+    """--download full: whole shards through hf_hub_download (ranged reads: test_hub_ranged).
+    The first file is asked for by the revision's name (huggingface_hub then records the ref)
+    and must land in the listed commit's snapshot; every other file by the commit."""
     src, _ = sharded
+    snap = tmp_path / "snapshots" / COMMIT_A  # where huggingface_hub would put them
+    shutil.copytree(src, snap)
     online.setenv("HF_TOKEN", "hf_test_token")
     calls: list[dict] = []
 
     def fake_download(repo_id, filename, **kw):
         calls.append({"filename": filename, **kw})
-        return str(src / filename)
+        return str(snap / filename)
 
     fake_model_info(online, src)
     online.setattr(huggingface_hub, "hf_hub_download", fake_download)
@@ -435,7 +439,7 @@ def test_download_pinned_to_commit_with_token(online, sharded) -> None:
     reader.close()
     fetched = [c["filename"] for c in calls]
     assert fetched == ["config.json", "model.safetensors.index.json", wm[picked[0]]]
-    assert all(c["revision"] == COMMIT_A for c in calls)
+    assert [c["revision"] for c in calls] == ["main", COMMIT_A, COMMIT_A]
     assert all(c["token"] == "hf_test_token" for c in calls)
     assert all(c["local_files_only"] is False for c in calls)
     assert all(c["cache_dir"] == os.environ["HF_HUB_CACHE"] for c in calls)
