@@ -431,8 +431,13 @@ def _open_inputs(
     revision: str | None,
     revision_aligned: str | None,
     download: str = "ranged",
+    aligned_reads: int = 2,
 ) -> Iterator[_Inputs]:
-    """FINETUNED (every shard) and ALIGNED (only the shards holding targets), checked."""
+    """FINETUNED (every shard) and ALIGNED (only the shards holding targets), checked.
+
+    ``aligned_reads``: how often a target of ALIGNED may be read at most (see
+    :func:`open_read_often`).
+    """
     from safelora_cli.sources import open_model
 
     _refuse_adapter(finetuned)
@@ -441,12 +446,13 @@ def _open_inputs(
     try:
         _refuse_adapter(finetuned, ft)
         wanted = candidate_names(ft.names(), targets)
-        al, al_spec = open_model(
+        al, al_spec = open_read_often(
             aligned,
             revision=revision_aligned,
             label="aligned model",
-            want=lambda names: _present(wanted, names),
+            names=wanted,
             download=download,
+            reads=aligned_reads,
         )
         try:
             if {f.resolve() for f in ft.files} & {f.resolve() for f in al.files}:
@@ -467,6 +473,40 @@ def _open_inputs(
             al.close()
     finally:
         ft.close()
+
+
+def open_read_often(
+    arg: str,
+    *,
+    revision: str | None,
+    label: str,
+    names: Sequence[str],
+    download: str,
+    reads: int,
+) -> tuple[CheckpointReader, Any]:
+    """:func:`safelora_cli.sources.open_model` for a model whose tensors ``names`` may each be
+    read up to ``reads`` times (patch-model reads ALIGNED's targets to score them and again to
+    write the selected ones).
+
+    Ranged bytes are never kept, so each read of a Hub model fetches them again: when ``reads``
+    times the targets' bytes would exceed the shards holding them, the shards are downloaded
+    whole (``download="full"``) instead. ``download="ranged"`` therefore never fetches more than
+    ``full`` would; ``full`` is kept as asked.
+    """
+    from safelora_cli.progress import hub_transfer
+    from safelora_cli.sources import open_model
+
+    def want(all_names: list[str]) -> list[str]:
+        return _present(names, all_names)
+
+    reader, spec = open_model(arg, revision=revision, label=label, want=want, download=download)
+    if download != "ranged" or not reader.remote_files:
+        return reader, spec
+    need = sum(reader.info(n).nbytes for n in _present(names, reader.names()))
+    if need * reads <= hub_transfer(reader)[1]:
+        return reader, spec
+    reader.close()
+    return open_model(arg, revision=revision, label=label, want=want, download="full")
 
 
 def _compute_hint(cache: Any, targets: str | None, missing: Sequence[str]) -> str:
@@ -507,7 +547,6 @@ def open_model_source(
     """
     from safelora_cli.compute import StreamingProjectorSource, parse_device
     from safelora_cli.projector_source import provenance
-    from safelora_cli.sources import open_model
 
     dev = parse_device(device)
     requests = [(t.weight, t.fan_in_fan_out) for t in targets]
@@ -541,13 +580,14 @@ def open_model_source(
             cache.close()
         return
     assert base is not None
-    names = [t.weight for t in targets]
-    br, bspec = open_model(
+    # BASE: each target once while scoring, the selected ones again while writing.
+    br, bspec = open_read_often(
         base,
         revision=revision_base,
         label="base model",
-        want=lambda all_names: _present(names, all_names),
+        names=[t.weight for t in targets],
         download=download,
+        reads=2,
     )
     try:
         source = StreamingProjectorSource(
@@ -1027,6 +1067,7 @@ def score_model(
             revision=revision,
             revision_aligned=revision_aligned,
             download=download,
+            aligned_reads=2 if base else 1,
         ) as inputs,
         open_model_source(
             inputs,
@@ -1109,6 +1150,7 @@ def patch_model(
         revision=revision,
         revision_aligned=revision_aligned,
         download=download,
+        aligned_reads=4 if base else 2,
     ) as inputs:
         plan = _plan(inputs, Path(output), force, others)
         with open_model_source(
@@ -1204,6 +1246,7 @@ def _patch_model_distributed(
                     revision=revision,
                     revision_aligned=revision_aligned,
                     download=download,
+                    aligned_reads=4 if base else 2,
                 )
             )
             plan = _plan(inputs, output, force, others)

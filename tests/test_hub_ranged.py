@@ -25,6 +25,7 @@ from safelora_cli.compute import compute_projections
 from safelora_cli.errors import FetchError, SourceError
 from safelora_cli.sources import open_model
 from tests import factory
+from tests import model_trio as mt
 from tests.hub_server import HubServer
 from tests.model_trio import header
 
@@ -620,29 +621,34 @@ def fine_tune(aligned: Path, out: Path) -> Path:
 
 
 def test_patch_model_reports_what_was_fetched(hub: HubServer, models, tmp_path: Path) -> None:
-    """patch-model FINETUNED (local) --aligned/--base (Hub ids): ALIGNED and BASE by ranges."""
+    """patch-model FINETUNED (local) --aligned/--base (Hub ids), q/v targets: ALIGNED and BASE
+    by ranges (their targets are a small share of the shards, so even read several times they
+    cost less than the shards)."""
     from safelora_cli.model_patch import patch_model
     from safelora_cli.progress import fetched_line
 
     serve(hub, models)
     ft = fine_tune(models[1], tmp_path / "ft")
-    total = sum(shards_total(d, is_block_weight) for d in models)
+    total = sum(shards_total(d, is_target) for d in models)
     rec = Recording()
     rep = patch_model(
         str(ft),
         tmp_path / "out",
         aligned="org/aligned",
         base="org/base",
+        targets="q_proj,v_proj",
         device="cpu",
         progress=rec,
     )
     assert rep.projected > 0  # pass 2 read the selected ALIGNED weights again
     assert rep.fetched == shard_bytes_served(hub) > 0 and rep.shards_bytes == total
+    assert rep.fetched <= total  # never more than downloading the shards whole
     assert rec.seen and rec.seen[-1] == (rep.fetched, total)
     assert "fetched" not in rep.to_json() and "shards_bytes" not in rep.to_json()
 
     run = CliRunner().invoke
-    hub_args = ["--aligned", "org/aligned", "--base", "org/base", "--device", "cpu"]
+    hub_args = ["--aligned", "org/aligned", "--base", "org/base", "--device", "cpu",
+                "--targets", "q_proj,v_proj"]  # fmt: skip
     hub.reset_counters()
     r = run(app, ["patch-model", str(ft), *hub_args, "-o", str(tmp_path / "o1")])
     assert r.exit_code == 0, r.stderr
@@ -663,6 +669,45 @@ def test_patch_model_reports_what_was_fetched(hub: HubServer, models, tmp_path: 
     assert "projected" in loc.stderr and not hub_lines(loc.stderr)
 
 
+def test_patch_model_downloads_whole_shards_when_ranges_would_cost_more(
+    hub: HubServer, models, tmp_path: Path
+) -> None:
+    """Default targets (every block weight, most of the model): read up to four times by
+    ranges they would cost more than the shards, so ALIGNED and BASE are downloaded whole
+    (each shard once, into the Hugging Face cache) and the output is the same as a local run."""
+    from safelora_cli.model_patch import patch_model
+
+    serve(hub, models)
+    ft = fine_tune(models[1], tmp_path / "ft")
+    rep = patch_model(
+        str(ft), tmp_path / "out", aligned="org/aligned", base="org/base", device="cpu"
+    )
+    held = [
+        f
+        for d in models
+        for f in sorted(d.glob("*.safetensors"))
+        if any(n != "__metadata__" and is_block_weight(n) for n in header(f)[0])
+    ]
+    # Each shard holding a target once, whole, after its header was read by ranges (8 bytes,
+    # then the header) to weigh the two ways.
+    assert shard_bytes_served(hub) == sum(f.stat().st_size + header(f)[1] for f in held)
+    assert rep.fetched == 0 and rep.shards_bytes == 0  # nothing read by ranges
+    cached = Path(os.environ["HF_HUB_CACHE"])
+    for repo, commit, d in (
+        ("org/base", COMMIT_A, models[0]),
+        ("org/aligned", COMMIT_B, models[1]),
+    ):
+        snap = cached / f"models--{repo.replace('/', '--')}" / "snapshots" / commit
+        for f in d.glob("*.safetensors"):
+            if any(n != "__metadata__" and is_block_weight(n) for n in header(f)[0]):
+                assert (snap / f.name).read_bytes() == f.read_bytes()
+    loc = patch_model(
+        str(ft), tmp_path / "local", aligned=str(models[1]), base=str(models[0]), device="cpu"
+    )
+    assert [m.projected for m in loc.modules] == [m.projected for m in rep.modules]
+    assert mt.raw(tmp_path / "out") == mt.raw(tmp_path / "local")
+
+
 def test_inspect_says_what_was_fetched_on_stderr(hub: HubServer, models, tmp_path: Path) -> None:
     """inspect (adapter or full model) with Hub ids: the line on stderr, the table on stdout."""
     from safelora_cli.progress import fetched_line
@@ -674,7 +719,18 @@ def test_inspect_says_what_was_fetched_on_stderr(hub: HubServer, models, tmp_pat
     run = CliRunner().invoke
     for args, pick in (
         ([str(adapter), "--base", "org/base", "--aligned", "org/aligned"], in_layers(1, 3)),
-        ([str(ft), "--aligned", "org/aligned", "--base", "org/base"], is_block_weight),
+        (
+            [
+                str(ft),
+                "--aligned",
+                "org/aligned",
+                "--base",
+                "org/base",
+                "--targets",
+                "q_proj,v_proj",
+            ],
+            is_target,
+        ),
     ):
         hub.reset_counters()
         r = run(app, ["inspect", *args, "--device", "cpu"])
