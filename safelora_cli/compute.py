@@ -85,6 +85,7 @@ from safelora_cli.progress import (
 )
 from safelora_cli.projector import (
     GRAM,
+    PATCH_RANK,
     Projector,
     alignment_delta,
     alignment_delta_serial,
@@ -284,6 +285,7 @@ class _PairStream:
         pooled_output: bool = False,
         representation: str = "auto",
         digests: dict[str, tuple[Any, Any]] | None = None,
+        full_update: bool = False,
     ):
         from safelora_cli.buffers import BufferPool
 
@@ -293,6 +295,9 @@ class _PairStream:
         self.pool = pool if pool is not None else BufferPool()
         self.pooled_output = pooled_output
         self.representation = representation
+        # patch-model applies each projector to a whole dW (d_in columns), not to a LoRA B:
+        # that decides which form costs less (projector.representation_cost).
+        self.full_update = full_update
         # When given: weight -> SHA-256 of the (base, aligned) bytes read, for the cache entry
         # (:meth:`take_digests`). On the CPU they are hashed on the prefetch thread while the
         # previous projector is computed; for a GPU, whose compute is quick, on two threads of
@@ -302,7 +307,10 @@ class _PairStream:
 
     def kind(self, t: Target) -> str:
         """The stored form of ``t``'s projector on this stream's device."""
-        return representation_for(t.d_out, t.d_in, self.representation, self.device.type)
+        cols = t.d_in if self.full_update else PATCH_RANK
+        return representation_for(
+            t.d_out, t.d_in, self.representation, self.device.type, columns=cols
+        )
 
     def load(self, t: Target) -> _Item:
         if self.device.type == "cpu":
@@ -408,6 +416,8 @@ class StreamingProjectorSource:
 
     Nothing is cached or written; each ``get`` reads both tensors of that weight once.
     ``projectors`` prefetches the next pair on a background thread. Projectors are on ``device``.
+    ``full_update``: the projectors will be applied to whole updates ``dW`` (patch-model), not
+    to LoRA ``B``; under ``representation="auto"`` each form is chosen for that use.
     When either reader reads a Hub model by byte ranges, ``progress`` (optional) is told the
     bytes fetched so far after each projector (:func:`report_fetched`); :meth:`transfer` gives
     the figures for a summary.
@@ -421,6 +431,7 @@ class StreamingProjectorSource:
         device: str | torch.device = "cpu",
         representation: str = "auto",
         progress: object | None = None,
+        full_update: bool = False,
     ):
         import torch
 
@@ -432,7 +443,12 @@ class StreamingProjectorSource:
         # Two free buffers: the pair and the delta of one weight (projectors are fresh memory).
         pool = BufferPool(max_free=2)
         self._stream = _PairStream(
-            base_reader, aligned_reader, dev, pool=pool, representation=representation
+            base_reader,
+            aligned_reader,
+            dev,
+            pool=pool,
+            representation=representation,
+            full_update=full_update,
         )
         self.device = dev
         # Only a ranged Hub read has anything to report; local runs never call the progress.

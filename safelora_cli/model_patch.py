@@ -591,7 +591,7 @@ def open_model_source(
     )
     try:
         source = StreamingProjectorSource(
-            br, inputs.aligned, device=dev, representation=representation
+            br, inputs.aligned, device=dev, representation=representation, full_update=True
         )
         source.require(requests)
         sources["base"] = provenance(bspec)

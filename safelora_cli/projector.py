@@ -107,13 +107,16 @@ def check_representation(mode: str) -> str:
     return m
 
 
-def representation_cost(kind: str, d_out: int, d_in: int, device: str = "cpu") -> float:
+def representation_cost(
+    kind: str, d_out: int, d_in: int, device: str = "cpu", *, columns: int = PATCH_RANK
+) -> float:
     """Estimated seconds a user pays for storing one ``[d_out, d_in]`` weight as ``kind``.
 
     The sum of: forming it (``gram``: the ``V V^T`` product, ``2 d_out^2 d_in`` FLOPs;
     ``factor``: a scaling, which ``gram``'s division matches, so 0), writing it (float32
-    bytes / ``write``), and one patch reading it back and applying it to a rank-16 ``B``
-    (bytes / ``read`` plus ``2 d_out^2 r`` or ``4 d_out d_in r`` float64 FLOPs). Rates are
+    bytes / ``write``), and one patch reading it back and applying it to ``columns`` columns
+    (bytes / ``read`` plus ``2 d_out^2 c`` or ``4 d_out d_in c`` float64 FLOPs): a LoRA ``B``
+    (:data:`PATCH_RANK`), or a full update ``dW`` (``d_in``: patch-model). Rates are
     :data:`RATES` of ``device`` (a type: ``cpu``, ``cuda``; unknown types count as ``cpu``).
     """
     rt = RATES.get(device, RATES["cpu"])
@@ -121,26 +124,29 @@ def representation_cost(kind: str, d_out: int, d_in: int, device: str = "cpu") -
     nbytes = 4.0 * numel
     if kind == GRAM:
         make = 2.0 * d_out * d_out * d_in / rt.flops
-        apply = 2.0 * d_out * d_out * PATCH_RANK
+        apply = 2.0 * d_out * d_out * columns
     else:
         make = 0.0
-        apply = 4.0 * d_out * d_in * PATCH_RANK
+        apply = 4.0 * d_out * d_in * columns
     return make + nbytes / rt.write + nbytes / rt.read + apply / (rt.flops / 2)
 
 
-def representation_for(d_out: int, d_in: int, mode: str = AUTO, device: str = "cpu") -> str:
+def representation_for(
+    d_out: int, d_in: int, mode: str = AUTO, device: str = "cpu", *, columns: int = PATCH_RANK
+) -> str:
     """The form to store a ``[d_out, d_in]`` weight's projector in (``"gram"``/``"factor"``).
 
     ``mode`` ``gram``/``factor``: that form. ``auto``: the lower :func:`representation_cost`
-    on ``device`` (a device type); when the two costs differ by less than
-    :data:`NEGLIGIBLE_S` the smaller tensor, ``gram`` on a tie (``d_out <= d_in``).
+    on ``device`` (a device type) for a projector applied to ``columns`` columns; when the two
+    costs differ by less than :data:`NEGLIGIBLE_S` the smaller tensor, ``gram`` on a tie
+    (``d_out <= d_in``).
     """
     if mode in (GRAM, FACTOR):
         return mode
     if mode != AUTO:
         raise ValueError(f"representation must be one of {MODES}, got {mode!r}")
-    g = representation_cost(GRAM, d_out, d_in, device)
-    f = representation_cost(FACTOR, d_out, d_in, device)
+    g = representation_cost(GRAM, d_out, d_in, device, columns=columns)
+    f = representation_cost(FACTOR, d_out, d_in, device, columns=columns)
     if abs(g - f) < NEGLIGIBLE_S:
         return GRAM if d_out <= d_in else FACTOR
     return GRAM if g < f else FACTOR

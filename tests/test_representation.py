@@ -269,3 +269,54 @@ def test_inspect_on_the_fly_with_a_forced_form(case: dict, mode: str) -> None:
     r = _cli("inspect", str(case["ad"]), "-p", str(cache), "--representation", mode)
     assert r.exit_code == 2
     assert f"error: --representation {mode} applies to --base/--aligned, not to -p." in r.output
+
+
+@pytest.mark.parametrize(
+    ("shape", "want"),
+    [
+        # Applied to a whole dW (patch-model), the product is 2 d_out^2 d_in (gram, after
+        # forming V V^T once) against 4 d_out d_in^2 (factor): gram unless the weight is tall.
+        ((4096, 4096), GRAM),
+        ((11008, 4096), FACTOR),
+        ((4096, 11008), GRAM),
+        ((1024, 8192), GRAM),
+    ],
+)
+def test_auto_for_a_full_update_follows_the_product(shape: tuple[int, int], want: str) -> None:
+    d_out, d_in = shape
+    for device in ("cpu", "cuda"):
+        assert representation_for(d_out, d_in, "auto", device, columns=d_in) == want
+    # The adapter rule (rank-16 B) is unchanged by it: on a CPU every 7B-size weight is a factor.
+    assert representation_for(4096, 4096, "auto", "cpu") == FACTOR
+
+
+def test_patch_model_on_the_fly_uses_the_full_update_rule(tmp_path: Path) -> None:
+    """A 512 x 512 weight: a factor for adapters on a CPU (see the width-512 test above), a
+    gram when built on the fly for patch-model (``full_update``); both give C dW to float32
+    precision (the projector is formed from float32 V) against a float64 oracle."""
+    from safetensors.torch import save_file
+
+    from safelora_cli.compute import StreamingProjectorSource
+    from safelora_cli.reader import CheckpointReader
+
+    g = torch.Generator().manual_seed(11)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    wb = torch.randn(512, 512, generator=g)
+    wa = wb + 0.05 * torch.randn(512, 512, generator=g)
+    for which, w in (("b", wb), ("a", wa)):
+        save_file({name: w}, str(tmp_path / f"{which}.safetensors"))
+    dw = 0.01 * torch.randn(512, 512, generator=g, dtype=torch.float64)
+    v = (wa - wb).double()
+    want = (v @ v.T / torch.linalg.matrix_norm(v)) @ dw
+    kinds = {}
+    for full in (False, True):
+        with (
+            CheckpointReader.open(tmp_path / "b.safetensors", label="base model") as rb,
+            CheckpointReader.open(tmp_path / "a.safetensors", label="aligned model") as ra,
+        ):
+            src = StreamingProjectorSource(rb, ra, device="cpu", full_update=full)
+            p = src.get(name)
+        kinds[full] = p.kind
+        got = p.apply(dw)
+        assert float(torch.linalg.matrix_norm(got - want) / torch.linalg.matrix_norm(want)) < 1e-6
+    assert kinds == {False: FACTOR, True: GRAM}
