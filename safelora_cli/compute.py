@@ -187,8 +187,8 @@ class ComputeSummary:
         if self.degenerate:
             parts.append(f"{len(self.degenerate)} with no alignment signal (V = 0)")
         line = (
-            f"{', '.join(parts)}; read {_mb(self.bytes_read)} in {self.seconds:.1f} s "
-            f"on {self.device}; cache {self.cache_dir} is {_mb(self.cache_bytes)}"
+            f"{', '.join(parts)}; read {size_text(self.bytes_read)} in {self.seconds:.1f} s "
+            f"on {self.device}; cache {self.cache_dir} is {size_text(self.cache_bytes)}"
         )
         if self.shards_bytes:
             line += f"; {fetched_line(self.fetched, self.shards_bytes)}"
@@ -207,11 +207,6 @@ class ComputeSummary:
             "fetched": self.fetched,
             "shards_bytes": self.shards_bytes,
         }
-
-
-def _mb(n: int) -> str:
-    """A byte count for people: kB below 0.1 MB, GB from 1 GB (decimal units)."""
-    return size_text(n)
 
 
 def _where(reader: CheckpointReader) -> Path:

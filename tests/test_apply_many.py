@@ -20,6 +20,7 @@ from safelora_cli.errors import AdapterError
 from safelora_cli.projector import FACTOR, GRAM, Projector, apply_block_rows, build_projector
 from safelora_cli.scoring import score_adapters
 from safelora_cli.selection import Selection
+from tests.test_projector import spy_product_shapes
 from tests.test_scoring import make_adapter
 
 # (d_out, d_in): square, wide (d_out < d_in), tall (d_out > d_in), and row counts that are
@@ -126,16 +127,7 @@ def test_empty_degenerate_and_wrong_rows(small_blocks: None) -> None:
 
 def test_factor_never_forms_d_out_square(monkeypatch: pytest.MonkeyPatch) -> None:
     pr, _ = stored_projector(FACTOR, 64, 3, seed=2)
-    seen: list[tuple[int, ...]] = []
-    for owner, name in ((torch.Tensor, "__matmul__"), (torch, "mm"), (torch.Tensor, "addmm_")):
-        real = getattr(owner, name)
-
-        def spy(*args: object, _real=real, **kw: object) -> torch.Tensor:
-            out = _real(*args, **kw)
-            seen.append(tuple(out.shape))
-            return out
-
-        monkeypatch.setattr(owner, name, spy)
+    seen = spy_product_shapes(monkeypatch)
     pr.apply_many([torch.randn(64, 2), torch.randn(64, 5)])
     assert seen and all(s != (64, 64) for s in seen)
 

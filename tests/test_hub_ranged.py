@@ -400,29 +400,16 @@ def test_cli_summary_says_what_was_fetched(hub: HubServer, models, tmp_path: Pat
 
 def test_progress_is_told_the_bytes_fetched(hub: HubServer, models, tmp_path: Path) -> None:
     serve(hub, models)
-    seen: list[tuple[int, int]] = []
-
-    class Recording:
-        def start(self, total: int, description: str) -> None:
-            pass
-
-        def advance(self, units: int = 1, nbytes: int = 0) -> None:
-            pass
-
-        def finish(self) -> None:
-            pass
-
-        def fetched(self, nbytes: int, total: int) -> None:
-            seen.append((nbytes, total))
-
+    rec = Recording()
     s = compute_projections(
         "org/base",
         "org/aligned",
         tmp_path / "c",
         targets=",".join(TARGETS),
         device="cpu",
-        progress=Recording(),
+        progress=rec,
     )
+    seen = rec.seen
     assert len(seen) == 1 + 8  # once at the start, once per weight written
     assert [n for n, _ in seen] == sorted(n for n, _ in seen)
     assert seen[-1] == (s.fetched, s.shards_bytes)

@@ -152,11 +152,10 @@ def test_apply_wrong_rows_is_adapter_error() -> None:
         pr.apply(torch.ones(5, 2))
 
 
-def test_apply_factor_never_forms_d_out_square(monkeypatch: pytest.MonkeyPatch) -> None:
-    pr = build_projector("w", torch.randn(64, 3), fan_in_fan_out=False)
-    assert pr.kind == FACTOR
+def spy_product_shapes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
+    """The shapes of every product apply may use (the @ operator, torch.mm with out= and
+    Tensor.addmm_), recorded into the returned list for the rest of the test."""
     seen: list[tuple[int, ...]] = []
-    # Every product apply may use: the @ operator, torch.mm (with out=) and Tensor.addmm_.
     for owner, name in ((torch.Tensor, "__matmul__"), (torch, "mm"), (torch.Tensor, "addmm_")):
         real = getattr(owner, name)
 
@@ -166,6 +165,13 @@ def test_apply_factor_never_forms_d_out_square(monkeypatch: pytest.MonkeyPatch) 
             return out
 
         monkeypatch.setattr(owner, name, spy)
+    return seen
+
+
+def test_apply_factor_never_forms_d_out_square(monkeypatch: pytest.MonkeyPatch) -> None:
+    pr = build_projector("w", torch.randn(64, 3), fan_in_fan_out=False)
+    assert pr.kind == FACTOR
+    seen = spy_product_shapes(monkeypatch)
     pr.apply(torch.randn(64, 2))
     assert seen and all(s != (64, 64) for s in seen)
 
